@@ -1,0 +1,15 @@
+//! The part of nth that knows Kubernetes but neither Lambda nor IMDS: what an interruption is,
+//! what to do about it, and how to do it to a node.
+//!
+//! The Lambda (EventBridge) and the agent (IMDS) each turn their input into [`Interruption`]s,
+//! ask the [`Policy`] for an [`Action`], then use [`node`] and [`drain`] against the cluster.
+
+pub mod drain;
+pub mod events;
+pub mod node;
+pub mod policy;
+
+pub use drain::{DrainDeadline, DrainError, DrainReport, DrainSettings, Drainer};
+pub use events::{Interruption, InterruptionKind};
+pub use node::{MarkOutcome, NodeError, NodeMarker};
+pub use policy::{Action, Policy, TaintEffect};

@@ -1,0 +1,254 @@
+//! Finding a node and marking it: cordon, taint and annotation in one PATCH.
+
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::{Api, Client};
+use serde_json::json;
+use tracing::{info, instrument};
+
+use crate::events::Interruption;
+use crate::policy::{Action, Policy};
+
+/// Page size when a node must be found by listing: large enough that a 5,000-node cluster is
+/// a handful of requests, small enough that one page stays well inside a 128 MB Lambda.
+const NODE_LIST_PAGE: u32 = 500;
+
+/// The field manager nth's writes are recorded under, as `kubectl` records `kubectl-cordon`.
+pub const FIELD_MANAGER: &str = "nth";
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("reading node {node}: {source}")]
+    Get {
+        node: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("listing nodes to find instance {instance_id}: {source}")]
+    List {
+        instance_id: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("patching node {node} (cordon/taint/annotate): {source}")]
+    Patch {
+        node: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// What marking a node did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MarkOutcome {
+    Marked,
+    /// The node already carries this interruption's marks: a duplicate delivery.
+    AlreadyMarked,
+    DryRun,
+}
+
+/// Does `provider_id` (`aws:///<az>/<instance-id>`) name this instance?
+pub fn provider_id_matches(provider_id: &str, instance_id: &str) -> bool {
+    provider_id
+        .rsplit('/')
+        .next()
+        .is_some_and(|last| last == instance_id)
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeMarker {
+    nodes: Api<Node>,
+    policy: Policy,
+}
+
+impl NodeMarker {
+    pub fn new(client: Client, policy: Policy) -> Self {
+        Self {
+            nodes: Api::all(client),
+            policy,
+        }
+    }
+
+    /// Finds the node of an instance by `spec.providerID`. The likely name (EC2's
+    /// PrivateDnsName, which EKS uses as the node name unless configured otherwise) is tried
+    /// first with one GET; only if it is absent or names another instance are the nodes listed.
+    #[instrument(skip(self), fields(instance_id))]
+    pub async fn find(
+        &self,
+        instance_id: &str,
+        likely_name: Option<&str>,
+    ) -> Result<Option<Node>, NodeError> {
+        if let Some(name) = likely_name.filter(|n| !n.is_empty()) {
+            let node = self
+                .nodes
+                .get_opt(name)
+                .await
+                .map_err(|source| NodeError::Get {
+                    node: name.to_owned(),
+                    source,
+                })?;
+            if let Some(node) = node {
+                if node_provider_id(&node).is_none_or(|p| provider_id_matches(p, instance_id)) {
+                    return Ok(Some(node));
+                }
+            }
+        }
+        self.find_by_listing(instance_id).await
+    }
+
+    async fn find_by_listing(&self, instance_id: &str) -> Result<Option<Node>, NodeError> {
+        let mut params = ListParams::default().limit(NODE_LIST_PAGE);
+        loop {
+            let page = self
+                .nodes
+                .list(&params)
+                .await
+                .map_err(|source| NodeError::List {
+                    instance_id: instance_id.to_owned(),
+                    source,
+                })?;
+            let continue_token = page.metadata.continue_.clone();
+            if let Some(node) = page
+                .items
+                .into_iter()
+                .find(|n| node_provider_id(n).is_some_and(|p| provider_id_matches(p, instance_id)))
+            {
+                return Ok(Some(node));
+            }
+            match continue_token.filter(|c| !c.is_empty()) {
+                Some(token) => params = params.continue_token(&token),
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// Cordons, taints and annotates the node in one strategic-merge PATCH. Taints merge by
+    /// key on the server, so taints others set are kept without a read-modify-write race.
+    #[instrument(skip_all, fields(event_id = %interruption.id, instance_id = %interruption.instance_id, node = node.metadata.name.as_deref().unwrap_or_default()))]
+    pub async fn mark(
+        &self,
+        node: &Node,
+        interruption: &Interruption,
+        action: &Action,
+    ) -> Result<MarkOutcome, NodeError> {
+        let name = node.metadata.name.clone().unwrap_or_default();
+        if self.already_marked(node, interruption, action) {
+            info!(node = %name, "node already carries this interruption's marks; nothing to patch");
+            return Ok(MarkOutcome::AlreadyMarked);
+        }
+        let patch = self.mark_patch(interruption, action);
+        if self.policy.dry_run {
+            info!(node = %name, patch = %patch, "dry run: would patch node");
+            return Ok(MarkOutcome::DryRun);
+        }
+        self.nodes
+            .patch(
+                &name,
+                &PatchParams {
+                    field_manager: Some(FIELD_MANAGER.to_owned()),
+                    ..PatchParams::default()
+                },
+                &Patch::Strategic(&patch),
+            )
+            .await
+            .map_err(|source| NodeError::Patch {
+                node: name.clone(),
+                source,
+            })?;
+        info!(node = %name, cordon = action.cordon, taint = action.taint.as_deref().unwrap_or("none"), "node marked");
+        Ok(MarkOutcome::Marked)
+    }
+
+    fn mark_patch(&self, interruption: &Interruption, action: &Action) -> serde_json::Value {
+        let mut spec = serde_json::Map::new();
+        if action.cordon {
+            spec.insert("unschedulable".into(), json!(true));
+        }
+        if let Some(key) = &action.taint {
+            spec.insert(
+                "taints".into(),
+                json!([{
+                    "key": key,
+                    "value": taint_value(&interruption.id),
+                    "effect": self.policy.taint_effect.as_str(),
+                }]),
+            );
+        }
+        json!({
+            "metadata": { "annotations": {
+                self.policy.event_annotation(): interruption.id,
+                self.policy.kind_annotation(): interruption.kind.as_str(),
+            }},
+            "spec": spec,
+        })
+    }
+
+    fn already_marked(&self, node: &Node, interruption: &Interruption, action: &Action) -> bool {
+        let annotated = node
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(&self.policy.event_annotation()))
+            .is_some_and(|id| *id == interruption.id);
+        let spec = node.spec.as_ref();
+        let cordoned = !action.cordon || spec.and_then(|s| s.unschedulable).unwrap_or(false);
+        let tainted = action.taint.as_ref().is_none_or(|key| {
+            spec.and_then(|s| s.taints.as_ref())
+                .is_some_and(|ts| ts.iter().any(|t| &t.key == key))
+        });
+        annotated && cordoned && tainted
+    }
+}
+
+fn node_provider_id(node: &Node) -> Option<&str> {
+    node.spec.as_ref()?.provider_id.as_deref()
+}
+
+/// Taint values must be valid label values (at most 63 characters of `[A-Za-z0-9_.-]`,
+/// alphanumeric at both ends); event ids usually are, and anything else is cut to fit.
+fn taint_value(id: &str) -> String {
+    let cleaned: String = id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(63)
+        .collect();
+    cleaned
+        .trim_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn provider_id_matches_the_instance_not_a_prefix_of_it() {
+        assert!(provider_id_matches(
+            "aws:///us-east-1a/i-0b662ef9931388ba0",
+            "i-0b662ef9931388ba0"
+        ));
+        assert!(!provider_id_matches(
+            "aws:///us-east-1a/i-0b662ef9931388ba01",
+            "i-0b662ef9931388ba0"
+        ));
+        assert!(!provider_id_matches("", "i-1"));
+    }
+
+    #[test]
+    fn taint_values_are_valid_label_values() {
+        assert_eq!(
+            taint_value("1e5527d7-bb36-4607-3370-4164db56a40e"),
+            "1e5527d7-bb36-4607-3370-4164db56a40e"
+        );
+        assert_eq!(taint_value("a:b/c"), "a-b-c");
+        assert_eq!(taint_value(&"x".repeat(80)).len(), 63);
+        assert_eq!(taint_value("-x-"), "x");
+    }
+}

@@ -1,0 +1,230 @@
+//! The Lambda's configuration, from environment variables (see the README's reference).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use nth_core::policy::DEFAULT_PREFIX;
+use nth_core::{DrainSettings, Policy, TaintEffect};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("environment variable {name} is required: {why}")]
+    Missing {
+        name: &'static str,
+        why: &'static str,
+    },
+    #[error("environment variable {name}={value:?} is invalid: {why}")]
+    Invalid {
+        name: &'static str,
+        value: String,
+        why: String,
+    },
+}
+
+/// How to reach the cluster's API server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterAccess {
+    /// The EKS endpoint, authenticated with the function's IAM role.
+    Eks {
+        /// `https://...` as `aws eks describe-cluster` shows it.
+        endpoint: String,
+        /// The cluster's CA bundle, base64 of PEM, as EKS gives it (`certificateAuthority.data`).
+        ca_data: String,
+    },
+    /// A kubeconfig file, for `nth-lambda replay --kubeconfig` outside Lambda.
+    Kubeconfig(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The EKS cluster this function serves; instances tagged for another are left alone.
+    pub cluster_name: String,
+    pub access: ClusterAccess,
+    pub policy: Policy,
+    pub drain: DrainSettings,
+}
+
+impl Config {
+    /// The process environment; `kubeconfig` replaces the EKS endpoint settings.
+    pub fn from_env(kubeconfig: Option<PathBuf>) -> Result<Self, ConfigError> {
+        Self::from_lookup(env_lookup, kubeconfig)
+    }
+
+    /// Reads settings through `get`, so tests need not touch the process environment.
+    pub fn from_lookup(
+        get: impl Fn(&str) -> Option<String>,
+        kubeconfig: Option<PathBuf>,
+    ) -> Result<Self, ConfigError> {
+        let cluster_name = required(
+            &get,
+            "CLUSTER_NAME",
+            "the EKS cluster whose nodes this function drains",
+        )?;
+        let access = match kubeconfig {
+            Some(path) => ClusterAccess::Kubeconfig(path),
+            None => {
+                let endpoint = required(&get, "CLUSTER_ENDPOINT", "the cluster's API server URL")?;
+                if !endpoint.starts_with("https://") {
+                    return Err(ConfigError::Invalid {
+                        name: "CLUSTER_ENDPOINT",
+                        value: endpoint,
+                        why: "must be an https:// URL (the token is a credential)".into(),
+                    });
+                }
+                ClusterAccess::Eks {
+                    endpoint,
+                    ca_data: required(
+                        &get,
+                        "CLUSTER_CA_DATA",
+                        "the cluster's certificate authority (base64 PEM)",
+                    )?,
+                }
+            }
+        };
+        let policy = policy_from_lookup(&get)?;
+        let dry_run = policy.dry_run;
+        let defaults = DrainSettings::default();
+        let drain = DrainSettings {
+            concurrency: number(&get, "DRAIN_CONCURRENCY")?
+                .map(|n: usize| n.max(1))
+                .unwrap_or(defaults.concurrency),
+            eviction_retry_interval: number(&get, "EVICTION_RETRY_SECONDS")?
+                .map(Duration::from_secs)
+                .unwrap_or(defaults.eviction_retry_interval),
+            grace_period_override: number(&get, "POD_TERMINATION_GRACE_PERIOD")?,
+            dry_run,
+            ..defaults
+        };
+        Ok(Self {
+            cluster_name,
+            access,
+            policy,
+            drain,
+        })
+    }
+}
+
+/// The policy alone: all that `nth-lambda explain` needs, with no cluster settings.
+pub fn policy_from_lookup(get: &impl Fn(&str) -> Option<String>) -> Result<Policy, ConfigError> {
+    Ok(Policy {
+        prefix: get("TAINT_PREFIX").unwrap_or_else(|| DEFAULT_PREFIX.to_owned()),
+        taint_effect: match get("TAINT_EFFECT") {
+            Some(value) => value.parse().map_err(|why| ConfigError::Invalid {
+                name: "TAINT_EFFECT",
+                value,
+                why,
+            })?,
+            None => TaintEffect::default(),
+        },
+        dry_run: flag(get, "DRY_RUN")?,
+    })
+}
+
+/// The process environment, with empty variables treated as unset (as SAM and Terraform
+/// leave optional parameters).
+pub fn env_lookup(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+fn required(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+    why: &'static str,
+) -> Result<String, ConfigError> {
+    get(name).ok_or(ConfigError::Missing { name, why })
+}
+
+fn flag(get: &impl Fn(&str) -> Option<String>, name: &'static str) -> Result<bool, ConfigError> {
+    match get(name).as_deref().map(str::to_ascii_lowercase).as_deref() {
+        None | Some("false" | "0" | "no") => Ok(false),
+        Some("true" | "1" | "yes") => Ok(true),
+        Some(other) => Err(ConfigError::Invalid {
+            name,
+            value: other.to_owned(),
+            why: "expected true or false".into(),
+        }),
+    }
+}
+
+fn number<T: std::str::FromStr>(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+) -> Result<Option<T>, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    get(name)
+        .map(|value| {
+            value.parse().map_err(|e: T::Err| ConfigError::Invalid {
+                name,
+                value,
+                why: e.to_string(),
+            })
+        })
+        .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Config::from_lookup(|k| map.get(k).cloned(), None)
+    }
+
+    const CLUSTER: [(&str, &str); 3] = [
+        ("CLUSTER_NAME", "prod"),
+        (
+            "CLUSTER_ENDPOINT",
+            "https://ABC.gr7.us-east-1.eks.amazonaws.com",
+        ),
+        ("CLUSTER_CA_DATA", "LS0tLS1CRUdJTg=="),
+    ];
+
+    #[test]
+    fn defaults_are_what_the_readme_says() {
+        let c = config(&CLUSTER).expect("valid");
+        assert_eq!(c.policy.prefix, "node-termination-handler");
+        assert_eq!(c.policy.taint_effect, TaintEffect::NoSchedule);
+        assert!(!c.policy.dry_run);
+        assert_eq!(c.drain.concurrency, nth_core::drain::DEFAULT_CONCURRENCY);
+    }
+
+    #[test]
+    fn missing_cluster_name_says_which_variable() {
+        let err = config(&CLUSTER[1..]).expect_err("must fail");
+        assert!(err.to_string().contains("CLUSTER_NAME"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_variable_and_value() {
+        let mut vars = CLUSTER.to_vec();
+        vars.push(("DRY_RUN", "maybe"));
+        let err = config(&vars).expect_err("must fail");
+        assert!(err.to_string().contains("DRY_RUN") && err.to_string().contains("maybe"));
+        let mut vars = CLUSTER.to_vec();
+        vars.push(("TAINT_EFFECT", "NoWay"));
+        assert!(config(&vars)
+            .expect_err("must fail")
+            .to_string()
+            .contains("TAINT_EFFECT"));
+        let mut vars = CLUSTER.to_vec();
+        vars[1] = ("CLUSTER_ENDPOINT", "http://plain");
+        assert!(config(&vars).is_err());
+    }
+
+    #[test]
+    fn dry_run_reaches_policy_and_drain() {
+        let mut vars = CLUSTER.to_vec();
+        vars.push(("DRY_RUN", "true"));
+        vars.push(("TAINT_PREFIX", "aws-node-termination-handler"));
+        let c = config(&vars).expect("valid");
+        assert!(c.policy.dry_run && c.drain.dry_run);
+        assert_eq!(c.policy.prefix, "aws-node-termination-handler");
+    }
+}

@@ -1,0 +1,57 @@
+//! The nth Lambda function: EventBridge events about EC2 instances in, cordoned and drained
+//! EKS nodes out.
+
+pub mod cluster;
+pub mod config;
+pub mod eventbridge;
+pub mod handler;
+pub mod resolve;
+pub mod token;
+
+use std::sync::Arc;
+
+use aws_config::BehaviorVersion;
+use nth_core::{Drainer, NodeMarker};
+
+use crate::config::{ClusterAccess, Config};
+use crate::handler::Handler;
+use crate::resolve::Ec2Resolver;
+use crate::token::TokenSource;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("no AWS region: set AWS_REGION (Lambda sets it)")]
+    NoRegion,
+    #[error("no AWS credentials provider: set AWS credentials (Lambda provides the role's)")]
+    NoCredentials,
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
+}
+
+/// Builds the AWS and Kubernetes clients. AWS settings come from the environment as every
+/// AWS SDK reads them (AWS_REGION, credentials, AWS_ENDPOINT_URL for emulators).
+pub async fn build_handler(config: Config) -> Result<Handler, SetupError> {
+    let aws = aws_config::defaults(BehaviorVersion::latest()).load().await;
+    let region = aws.region().ok_or(SetupError::NoRegion)?.to_string();
+    let client = match &config.access {
+        ClusterAccess::Eks { endpoint, ca_data } => {
+            let credentials = aws
+                .credentials_provider()
+                .ok_or(SetupError::NoCredentials)?;
+            let tokens = Arc::new(TokenSource::new(
+                config.cluster_name.clone(),
+                region,
+                credentials,
+            ));
+            cluster::eks_client(endpoint, ca_data, tokens)?
+        }
+        ClusterAccess::Kubeconfig(path) => cluster::kubeconfig_client(path).await?,
+    };
+    Ok(Handler {
+        cluster_name: config.cluster_name,
+        resolver: Ec2Resolver::new(aws_sdk_ec2::Client::new(&aws)),
+        marker: NodeMarker::new(client.clone(), config.policy.clone()),
+        drainer: Drainer::new(client, config.drain),
+        policy: config.policy,
+    })
+}
