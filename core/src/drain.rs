@@ -310,10 +310,11 @@ impl Drainer {
             }));
         report.complete = report.left.is_empty();
         report.duration_ms = elapsed_ms(started);
+        let (evicted, left) = (report.evicted.len(), report.left.len());
         if report.complete {
-            info!(report = %json!(report), "drain complete");
+            info!(evicted, left, duration_ms = report.duration_ms, report = %json!(report), "drain complete");
         } else {
-            warn!(report = %json!(report), "drain incomplete: pods left on the node");
+            warn!(evicted, left, duration_ms = report.duration_ms, report = %json!(report), "drain incomplete: pods left on the node");
         }
         Ok(report)
     }

@@ -1,1 +1,38 @@
+//! nth's integration rig: emulators that speak the real protocols over real HTTP, so the
+//! real binaries and clients can be tested end to end on one machine.
+//!
+//! - [`kube`]: a Kubernetes API server emulator (HTTPS, EKS token checking, PDB arithmetic).
+//! - [`runtime_api`]: the Lambda Runtime API, driving the real `nth-lambda` binary.
+//! - [`moto`]: moto's server mode for EC2.
+//! - [`sandbox`]: all of it wired together, for tests and the README's sandbox command.
 
+pub mod fixtures;
+pub mod kube;
+pub mod moto;
+pub mod process;
+pub mod runtime_api;
+pub mod sandbox;
+pub mod tls;
+
+use std::path::PathBuf;
+
+/// Fake credentials: moto accepts any, and the API emulator verifies token signatures
+/// with this secret.
+pub const TEST_ACCESS_KEY: &str = "AKIANTHTESTEXAMPLE01";
+pub const TEST_SECRET_KEY: &str = "nth-test-secret-key-not-a-real-one";
+pub const TEST_SESSION_TOKEN: &str = "nth-test-session-token";
+pub const TEST_REGION: &str = "us-east-1";
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default()
+}
+
+/// A loopback port that was free a moment ago, for servers that cannot bind port 0
+/// themselves (moto_server).
+pub fn free_port() -> std::io::Result<u16> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+    Ok(listener.local_addr()?.port())
+}

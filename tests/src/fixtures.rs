@@ -1,0 +1,97 @@
+//! Kubernetes objects as an EKS cluster has them, for seeding the emulator.
+
+use serde_json::{json, Value};
+
+/// A Ready EKS node for an instance, named after its PrivateDnsName as EKS names them.
+pub fn node(name: &str, instance_id: &str, az: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "labels": {
+                "kubernetes.io/hostname": name,
+                "topology.kubernetes.io/zone": az,
+                "node.kubernetes.io/instance-type": "m5.large",
+                "eks.amazonaws.com/capacityType": "SPOT",
+            },
+        },
+        "spec": { "providerID": format!("aws:///{az}/{instance_id}") },
+        "status": {
+            "conditions": [{"type": "Ready", "status": "True"}],
+            "addresses": [{"type": "InternalDNS", "address": name}],
+        },
+    })
+}
+
+fn running_pod(namespace: &str, name: &str, node: &str, labels: Value) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": { "name": name, "namespace": namespace, "labels": labels },
+        "spec": {
+            "nodeName": node,
+            "containers": [{"name": "main", "image": "public.ecr.aws/docker/library/busybox:stable"}],
+            "terminationGracePeriodSeconds": 30,
+        },
+        "status": { "phase": "Running", "conditions": [{"type": "Ready", "status": "True"}] },
+    })
+}
+
+fn owned_by(mut pod: Value, kind: &str, name: &str) -> Value {
+    pod["metadata"]["ownerReferences"] = json!([{
+        "apiVersion": "apps/v1", "kind": kind, "name": name,
+        "uid": format!("owner-{name}"), "controller": true, "blockOwnerDeletion": true,
+    }]);
+    pod
+}
+
+pub fn daemonset_pod(namespace: &str, daemonset: &str, node: &str) -> Value {
+    let name = format!("{daemonset}-{}", &node[..node.len().min(5)]);
+    owned_by(
+        running_pod(namespace, &name, node, json!({"app": daemonset})),
+        "DaemonSet",
+        daemonset,
+    )
+}
+
+/// A static pod's mirror, as the kubelet creates it.
+pub fn mirror_pod(namespace: &str, name: &str, node: &str) -> Value {
+    let mut pod = running_pod(
+        namespace,
+        &format!("{name}-{node}"),
+        node,
+        json!({"component": name}),
+    );
+    pod["metadata"]["annotations"] =
+        json!({"kubernetes.io/config.mirror": "d41d8cd98f00b204e9800998ecf8427e"});
+    pod
+}
+
+pub fn replicaset_pod(
+    namespace: &str,
+    replicaset: &str,
+    index: usize,
+    node: &str,
+    app: &str,
+) -> Value {
+    owned_by(
+        running_pod(
+            namespace,
+            &format!("{replicaset}-{index:05}"),
+            node,
+            json!({"app": app}),
+        ),
+        "ReplicaSet",
+        replicaset,
+    )
+}
+
+pub fn pdb_max_unavailable(namespace: &str, name: &str, app: &str, max_unavailable: i64) -> Value {
+    json!({
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": { "name": name, "namespace": namespace },
+        "spec": { "maxUnavailable": max_unavailable, "selector": { "matchLabels": { "app": app } } },
+    })
+}

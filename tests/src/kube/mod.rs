@@ -1,0 +1,696 @@
+//! A Kubernetes API server emulator: the real JSON of nodes, pods, evictions and
+//! PodDisruptionBudgets over HTTPS, with EKS token checking. Where the real server's
+//! behaviour is uncertain, the emulator is the stricter of the two.
+
+pub mod auth;
+pub mod patch;
+pub mod state;
+pub mod status;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use anyhow::Context;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+pub use auth::AuthConfig;
+use state::Timer;
+pub use state::{Behaviour, Key, World};
+use status::ApiError;
+
+use crate::tls::{serve_https, TestPki};
+
+/// One request the emulator served.
+#[derive(Debug, Clone)]
+pub struct RequestRecord {
+    pub at: Instant,
+    pub method: String,
+    /// Path and query.
+    pub uri: String,
+    pub status: u16,
+}
+
+#[derive(Debug, Default)]
+struct Seen {
+    requests: Vec<RequestRecord>,
+    tokens: Vec<String>,
+    auth_failures: Vec<String>,
+}
+
+#[derive(Clone)]
+struct AppState {
+    world: Arc<Mutex<World>>,
+    seen: Arc<Mutex<Seen>>,
+    auth: Arc<AuthConfig>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A test that panicked while holding the lock has failed already; keep serving.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A running emulator; stops when dropped.
+#[derive(Debug)]
+pub struct KubeApi {
+    pub url: String,
+    pub ca_pem: String,
+    world: Arc<Mutex<World>>,
+    seen: Arc<Mutex<Seen>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for KubeApi {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+impl KubeApi {
+    pub async fn start(auth: AuthConfig, behaviour: Behaviour) -> anyhow::Result<Self> {
+        let pki = TestPki::generate()?;
+        let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .context("binding the Kubernetes API emulator")?;
+        let port = listener.local_addr()?.port();
+        let state = AppState {
+            world: Arc::new(Mutex::new(World::new(behaviour))),
+            seen: Arc::new(Mutex::new(Seen::default())),
+            auth: Arc::new(auth),
+        };
+        let router = router(state.clone());
+        let server = serve_https(listener, router, &pki)?;
+        Ok(Self {
+            url: format!("https://127.0.0.1:{port}"),
+            ca_pem: pki.ca_pem,
+            world: state.world,
+            seen: state.seen,
+            server,
+        })
+    }
+
+    /// Reads or changes the cluster directly, as a test's set-up or assertions do.
+    pub fn world<R>(&self, f: impl FnOnce(&mut World) -> R) -> R {
+        f(&mut lock(&self.world))
+    }
+
+    pub fn node(&self, name: &str) -> Option<Value> {
+        lock(&self.world).nodes.get(name).cloned()
+    }
+
+    pub fn pods_on(&self, node: &str) -> Vec<Value> {
+        lock(&self.world)
+            .pods
+            .values()
+            .filter(|p| p.pointer("/spec/nodeName").and_then(Value::as_str) == Some(node))
+            .cloned()
+            .collect()
+    }
+
+    pub fn requests(&self) -> Vec<RequestRecord> {
+        lock(&self.seen).requests.clone()
+    }
+
+    pub fn tokens_seen(&self) -> Vec<String> {
+        lock(&self.seen).tokens.clone()
+    }
+
+    pub fn auth_failures(&self) -> Vec<String> {
+        lock(&self.seen).auth_failures.clone()
+    }
+}
+
+fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/version", get(version))
+        .route("/api/v1/nodes", get(list_nodes))
+        .route("/api/v1/nodes/{name}", get(get_node).patch(patch_node))
+        .route("/api/v1/pods", get(list_all_pods))
+        .route("/api/v1/namespaces/{ns}/pods", get(list_ns_pods))
+        .route(
+            "/api/v1/namespaces/{ns}/pods/{name}",
+            get(get_pod).delete(delete_pod),
+        )
+        .route(
+            "/api/v1/namespaces/{ns}/pods/{name}/eviction",
+            post(evict_pod),
+        )
+        .route("/apis/policy/v1/poddisruptionbudgets", get(list_all_pdbs))
+        .route(
+            "/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets",
+            get(list_ns_pdbs),
+        )
+        .fallback(|req: Request| async move { ApiError::not_found("path", req.uri().path()) })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            authenticate_and_record,
+        ))
+        .with_state(state)
+}
+
+async fn authenticate_and_record(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let at = Instant::now();
+    let method = request.method().to_string();
+    let uri = request.uri().to_string();
+    let header = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let verdict = auth::verify(header.as_deref(), &state.auth);
+    let response = match verdict {
+        Ok(()) => {
+            if let Some(token) = header.as_deref().and_then(|h| h.strip_prefix("Bearer ")) {
+                let mut seen = lock(&state.seen);
+                if !seen.tokens.iter().any(|t| t == token) {
+                    seen.tokens.push(token.to_owned());
+                }
+            }
+            next.run(request).await
+        }
+        Err(why) => {
+            lock(&state.seen).auth_failures.push(why);
+            ApiError::unauthorized().into_response()
+        }
+    };
+    lock(&state.seen).requests.push(RequestRecord {
+        at,
+        method,
+        uri,
+        status: response.status().as_u16(),
+    });
+    response
+}
+
+async fn version() -> Json<Value> {
+    Json(json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0-nth-emulator"}))
+}
+
+// ---- selectors and lists ----
+
+/// One `field=value`, `field==value` or `field!=value` term of a field selector.
+struct FieldTerm {
+    field: String,
+    value: String,
+    equal: bool,
+}
+
+fn parse_field_selector(
+    selector: Option<&String>,
+    supported: &[&str],
+) -> Result<Vec<FieldTerm>, ApiError> {
+    let Some(selector) = selector.filter(|s| !s.is_empty()) else {
+        return Ok(Vec::new());
+    };
+    selector
+        .split(',')
+        .map(|term| {
+            let (field, value, equal) = if let Some((f, v)) = term.split_once("!=") {
+                (f, v, false)
+            } else if let Some((f, v)) = term.split_once("==") {
+                (f, v, true)
+            } else if let Some((f, v)) = term.split_once('=') {
+                (f, v, true)
+            } else {
+                return Err(ApiError::bad_request(format!(
+                    "invalid field selector term {term:?}"
+                )));
+            };
+            if !supported.contains(&field) {
+                return Err(ApiError::bad_request(format!(
+                    "field label not supported: {field}"
+                )));
+            }
+            Ok(FieldTerm {
+                field: field.to_owned(),
+                value: value.to_owned(),
+                equal,
+            })
+        })
+        .collect()
+}
+
+fn field_value(obj: &Value, field: &str) -> String {
+    let pointer = format!("/{}", field.replace('.', "/"));
+    match obj.pointer(&pointer) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Bool(b)) => b.to_string(),
+        Some(other) => other.to_string(),
+        None if field == "spec.unschedulable" => "false".to_owned(),
+        None => String::new(),
+    }
+}
+
+fn label_selector_matches(selector: Option<&String>, obj: &Value) -> Result<bool, ApiError> {
+    let Some(selector) = selector.filter(|s| !s.is_empty()) else {
+        return Ok(true);
+    };
+    let labels = obj.pointer("/metadata/labels");
+    let label = |k: &str| labels.and_then(|l| l.get(k)).and_then(Value::as_str);
+    for term in selector.split(',') {
+        let ok = if let Some((k, v)) = term.split_once("!=") {
+            label(k) != Some(v)
+        } else if let Some((k, v)) = term.split_once('=') {
+            label(k.trim_end_matches('=')) == Some(v)
+        } else if let Some(k) = term.strip_prefix('!') {
+            label(k).is_none()
+        } else if term.contains(' ') || term.contains('(') {
+            return Err(ApiError::bad_request(format!(
+                "emulator supports only equality label selectors, got {term:?}"
+            )));
+        } else {
+            label(term).is_some()
+        };
+        if !ok {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// A page of a list, as the API server pages: `limit` items and an opaque `continue` token.
+fn list_response(
+    kind: &str,
+    api_version: &str,
+    items: Vec<Value>,
+    resource_version: String,
+    params: &HashMap<String, String>,
+) -> Result<Json<Value>, ApiError> {
+    let start = match params.get("continue").filter(|c| !c.is_empty()) {
+        Some(token) => token
+            .parse::<usize>()
+            .map_err(|_| ApiError::bad_request("invalid continue token"))?,
+        None => 0,
+    };
+    let limit = params
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .filter(|l| *l > 0)
+        .unwrap_or(usize::MAX);
+    let total = items.len();
+    let page: Vec<Value> = items
+        .into_iter()
+        .skip(start)
+        .take(limit)
+        .map(|mut item| {
+            // The real server leaves kind and apiVersion off list items.
+            if let Some(obj) = item.as_object_mut() {
+                obj.remove("kind");
+                obj.remove("apiVersion");
+            }
+            item
+        })
+        .collect();
+    let end = start.saturating_add(page.len());
+    let mut metadata = json!({"resourceVersion": resource_version});
+    if end < total {
+        metadata["continue"] = json!(end.to_string());
+        metadata["remainingItemCount"] = json!(total - end);
+    }
+    Ok(Json(
+        json!({"kind": kind, "apiVersion": api_version, "metadata": metadata, "items": page}),
+    ))
+}
+
+// ---- nodes ----
+
+async fn list_nodes(
+    State(s): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let fields = parse_field_selector(
+        q.get("fieldSelector"),
+        &["metadata.name", "spec.unschedulable"],
+    )?;
+    let world = lock(&s.world);
+    let mut items = Vec::new();
+    for node in world.nodes.values() {
+        if fields
+            .iter()
+            .all(|t| (field_value(node, &t.field) == t.value) == t.equal)
+            && label_selector_matches(q.get("labelSelector"), node)?
+        {
+            items.push(node.clone());
+        }
+    }
+    list_response(
+        "NodeList",
+        "v1",
+        items,
+        world.current_resource_version(),
+        &q,
+    )
+}
+
+async fn get_node(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    lock(&s.world)
+        .nodes
+        .get(&name)
+        .cloned()
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("nodes", &name))
+}
+
+fn validate_node(node: &Value) -> Result<(), ApiError> {
+    if let Some(u) = node.pointer("/spec/unschedulable") {
+        if !u.is_boolean() {
+            return Err(ApiError::bad_request(
+                "spec.unschedulable must be a boolean",
+            ));
+        }
+    }
+    if let Some(annotations) = node
+        .pointer("/metadata/annotations")
+        .and_then(Value::as_object)
+    {
+        if let Some((k, _)) = annotations.iter().find(|(_, v)| !v.is_string()) {
+            return Err(ApiError::bad_request(format!(
+                "annotation {k:?} must be a string"
+            )));
+        }
+    }
+    let mut seen = Vec::new();
+    for taint in node
+        .pointer("/spec/taints")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let key = taint["key"]
+            .as_str()
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| ApiError::invalid("spec.taints[].key: Required value"))?;
+        let effect = taint["effect"].as_str().unwrap_or_default();
+        if !matches!(effect, "NoSchedule" | "PreferNoSchedule" | "NoExecute") {
+            return Err(ApiError::invalid(format!(
+                "spec.taints[].effect: Unsupported value: {effect:?}"
+            )));
+        }
+        if let Some(value) = taint["value"].as_str() {
+            if value.len() > 63 {
+                return Err(ApiError::invalid(
+                    "spec.taints[].value: must be no more than 63 characters",
+                ));
+            }
+        }
+        if seen.contains(&(key, effect)) {
+            return Err(ApiError::invalid(format!(
+                "spec.taints: Duplicate value: {key}:{effect}"
+            )));
+        }
+        seen.push((key, effect));
+    }
+    Ok(())
+}
+
+async fn patch_node(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let content_type = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let patch: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("patch body is not JSON: {e}")))?;
+    let mut world = lock(&s.world);
+    let mut node = world
+        .nodes
+        .get(&name)
+        .cloned()
+        .ok_or_else(|| ApiError::not_found("nodes", &name))?;
+    let before_meta = (
+        node["metadata"]["name"].clone(),
+        node["metadata"]["uid"].clone(),
+    );
+    match content_type.split(';').next().unwrap_or_default().trim() {
+        "application/strategic-merge-patch+json" => patch::strategic(&mut node, &patch)?,
+        "application/merge-patch+json" => patch::merge(&mut node, &patch),
+        other => {
+            return Err(ApiError::unsupported_media(format!(
+                "the emulator does not implement patch type {other:?}"
+            )))
+        }
+    }
+    if (
+        node["metadata"]["name"].clone(),
+        node["metadata"]["uid"].clone(),
+    ) != before_meta
+    {
+        return Err(ApiError::invalid(
+            "metadata.name and metadata.uid cannot be changed",
+        ));
+    }
+    validate_node(&node)?;
+    node["metadata"]["resourceVersion"] = json!(world.next_resource_version());
+    world.nodes.insert(name, node.clone());
+    Ok(Json(node))
+}
+
+// ---- pods ----
+
+const POD_FIELDS: &[&str] = &[
+    "spec.nodeName",
+    "metadata.name",
+    "metadata.namespace",
+    "status.phase",
+];
+
+fn list_pods(
+    s: &AppState,
+    namespace: Option<&str>,
+    q: &HashMap<String, String>,
+) -> Result<Json<Value>, ApiError> {
+    let fields = parse_field_selector(q.get("fieldSelector"), POD_FIELDS)?;
+    let world = lock(&s.world);
+    let mut items = Vec::new();
+    for pod in world.pods.values() {
+        let in_ns = namespace.is_none_or(|ns| {
+            pod.pointer("/metadata/namespace").and_then(Value::as_str) == Some(ns)
+        });
+        if in_ns
+            && fields
+                .iter()
+                .all(|t| (field_value(pod, &t.field) == t.value) == t.equal)
+            && label_selector_matches(q.get("labelSelector"), pod)?
+        {
+            items.push(pod.clone());
+        }
+    }
+    list_response("PodList", "v1", items, world.current_resource_version(), q)
+}
+
+async fn list_all_pods(
+    State(s): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    list_pods(&s, None, &q)
+}
+
+async fn list_ns_pods(
+    State(s): State<AppState>,
+    Path(ns): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    list_pods(&s, Some(&ns), &q)
+}
+
+async fn get_pod(
+    State(s): State<AppState>,
+    Path((ns, name)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    lock(&s.world)
+        .pods
+        .get(&(ns, name.clone()))
+        .cloned()
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("pods", &name))
+}
+
+/// DeleteOptions, strictly decoded: an unknown field is a 400, as with fieldValidation=Strict.
+fn delete_options(value: Option<&Value>) -> Result<(Option<i64>, Option<String>), ApiError> {
+    let Some(value) = value.filter(|v| !v.is_null()) else {
+        return Ok((None, None));
+    };
+    let obj = value
+        .as_object()
+        .ok_or_else(|| ApiError::bad_request("DeleteOptions must be an object"))?;
+    const KNOWN: &[&str] = &[
+        "kind",
+        "apiVersion",
+        "gracePeriodSeconds",
+        "preconditions",
+        "propagationPolicy",
+        "orphanDependents",
+        "dryRun",
+    ];
+    if let Some(unknown) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(ApiError::bad_request(format!(
+            "strict decoding error: unknown field \"deleteOptions.{unknown}\""
+        )));
+    }
+    let grace = match obj.get("gracePeriodSeconds") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_i64()
+                .ok_or_else(|| ApiError::bad_request("gracePeriodSeconds must be an integer"))?,
+        ),
+    };
+    let uid = obj
+        .get("preconditions")
+        .and_then(|p| p.get("uid"))
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    Ok((grace, uid))
+}
+
+fn start_timers(world: &Arc<Mutex<World>>, timers: Vec<Timer>) {
+    for timer in timers {
+        let world = Arc::clone(world);
+        tokio::spawn(async move {
+            match timer {
+                Timer::RemovePod { key, uid, after } => {
+                    tokio::time::sleep(after).await;
+                    lock(&world).remove_pod(&key, &uid);
+                }
+                Timer::PodReady { key, uid, after } => {
+                    tokio::time::sleep(after).await;
+                    lock(&world).mark_ready(&key, &uid);
+                }
+            }
+        });
+    }
+}
+
+async fn delete_pod(
+    State(s): State<AppState>,
+    Path((ns, name)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let options: Option<Value> = if body.is_empty() {
+        None
+    } else {
+        Some(
+            serde_json::from_slice(&body)
+                .map_err(|e| ApiError::bad_request(format!("body is not JSON: {e}")))?,
+        )
+    };
+    let (mut grace, uid) = delete_options(options.as_ref())?;
+    if let Some(g) = q.get("gracePeriodSeconds") {
+        grace = Some(
+            g.parse()
+                .map_err(|_| ApiError::bad_request("gracePeriodSeconds must be an integer"))?,
+        );
+    }
+    let (pod, timers) = lock(&s.world).delete_pod(&(ns, name), grace, uid.as_deref())?;
+    start_timers(&s.world, timers);
+    Ok(Json(pod))
+}
+
+async fn evict_pod(
+    State(s): State<AppState>,
+    Path((ns, name)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let eviction: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("Eviction body is not JSON: {e}")))?;
+    let obj = eviction
+        .as_object()
+        .ok_or_else(|| ApiError::bad_request("Eviction body must be an object"))?;
+    if let Some(unknown) = obj
+        .keys()
+        .find(|k| !["apiVersion", "kind", "metadata", "deleteOptions"].contains(&k.as_str()))
+    {
+        return Err(ApiError::bad_request(format!(
+            "strict decoding error: unknown field \"{unknown}\""
+        )));
+    }
+    if eviction["kind"] != "Eviction"
+        || !matches!(
+            eviction["apiVersion"].as_str(),
+            Some("policy/v1" | "policy/v1beta1")
+        )
+    {
+        return Err(ApiError::bad_request("body must be a policy/v1 Eviction"));
+    }
+    if eviction.pointer("/metadata/name").and_then(Value::as_str) != Some(name.as_str()) {
+        return Err(ApiError::bad_request(
+            "name in URL does not match name in Eviction object",
+        ));
+    }
+    if let Some(body_ns) = eviction
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+    {
+        if body_ns != ns {
+            return Err(ApiError::bad_request(
+                "namespace in URL does not match namespace in Eviction object",
+            ));
+        }
+    }
+    let (grace, uid) = delete_options(eviction.get("deleteOptions"))?;
+    let timers = lock(&s.world).evict(&(ns, name), grace, uid.as_deref())?;
+    start_timers(&s.world, timers);
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201})),
+    )
+        .into_response())
+}
+
+// ---- PodDisruptionBudgets ----
+
+fn list_pdbs(
+    s: &AppState,
+    namespace: Option<&str>,
+    q: &HashMap<String, String>,
+) -> Result<Json<Value>, ApiError> {
+    let world = lock(&s.world);
+    let items = world
+        .pdbs
+        .iter()
+        .filter(|((ns, _), _)| namespace.is_none_or(|want| want == ns))
+        .map(|(_, pdb)| world.pdb_with_status(pdb))
+        .collect();
+    list_response(
+        "PodDisruptionBudgetList",
+        "policy/v1",
+        items,
+        world.current_resource_version(),
+        q,
+    )
+}
+
+async fn list_all_pdbs(
+    State(s): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    list_pdbs(&s, None, &q)
+}
+
+async fn list_ns_pdbs(
+    State(s): State<AppState>,
+    Path(ns): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    list_pdbs(&s, Some(&ns), &q)
+}

@@ -1,0 +1,531 @@
+//! The emulated cluster's objects and the rules the real API server applies to them:
+//! graceful deletion, evictions checked against PodDisruptionBudgets, and a ReplicaSet
+//! controller that replaces evicted pods on another node.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use chrono::{SecondsFormat, Utc};
+use serde_json::{json, Value};
+
+use super::status::ApiError;
+
+/// A namespaced object's key.
+pub type Key = (String, String);
+
+/// How the emulated kubelet and controllers behave.
+#[derive(Debug, Clone)]
+pub struct Behaviour {
+    /// How long a pod's containers take to exit after SIGTERM (capped by its grace period).
+    pub pod_stop_delay: Duration,
+    /// Where replacements of evicted ReplicaSet pods are scheduled; `None` leaves them Pending.
+    pub spare_node: Option<String>,
+    /// How long a replacement pod takes to turn Ready.
+    pub replacement_ready_delay: Duration,
+}
+
+impl Default for Behaviour {
+    fn default() -> Self {
+        Self {
+            pod_stop_delay: Duration::from_millis(100),
+            spare_node: None,
+            replacement_ready_delay: Duration::from_millis(500),
+        }
+    }
+}
+
+/// What happened, for tests and benchmarks to assert on.
+#[derive(Debug, Default, Clone)]
+pub struct Record {
+    /// Lowest healthy-pod count each PDB ever had, from the moment it was added.
+    pub pdb_min_healthy: HashMap<Key, i64>,
+    /// Evictions refused with 429 because of a PDB.
+    pub evictions_refused: u64,
+    pub evictions_accepted: u64,
+}
+
+/// A timer the server must start after the state changed (the state itself never sleeps).
+#[derive(Debug)]
+pub enum Timer {
+    /// Remove the pod (its containers stopped) if it still has this uid.
+    RemovePod {
+        key: Key,
+        uid: String,
+        after: Duration,
+    },
+    /// Mark the pod Ready.
+    PodReady {
+        key: Key,
+        uid: String,
+        after: Duration,
+    },
+}
+
+#[derive(Debug, Default)]
+pub struct World {
+    pub behaviour: Behaviour,
+    pub nodes: BTreeMap<String, Value>,
+    pub pods: BTreeMap<Key, Value>,
+    pub pdbs: BTreeMap<Key, Value>,
+    pub events: Vec<Value>,
+    pub record: Record,
+    resource_version: u64,
+    uid_counter: u64,
+}
+
+pub fn now_rfc3339() -> String {
+    Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+fn str_at<'a>(v: &'a Value, pointer: &str) -> Option<&'a str> {
+    v.pointer(pointer).and_then(Value::as_str)
+}
+
+pub fn is_ready(pod: &Value) -> bool {
+    pod.pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        })
+}
+
+pub fn is_terminating(pod: &Value) -> bool {
+    pod.pointer("/metadata/deletionTimestamp").is_some()
+}
+
+fn labels_match(selector: &Value, labels: &Value) -> bool {
+    let match_labels = selector.get("matchLabels").and_then(Value::as_object);
+    let expressions = selector.get("matchExpressions").and_then(Value::as_array);
+    if match_labels.is_none_or(|m| m.is_empty()) && expressions.is_none_or(|e| e.is_empty()) {
+        // policy/v1: an empty selector selects every pod in the namespace.
+        return true;
+    }
+    let ok_labels = match_labels.is_none_or(|m| m.iter().all(|(k, v)| labels.get(k) == Some(v)));
+    let ok_expr = expressions.is_none_or(|exprs| {
+        exprs.iter().all(|e| {
+            let key = e["key"].as_str().unwrap_or_default();
+            let values: Vec<&Value> = e["values"]
+                .as_array()
+                .map(|v| v.iter().collect())
+                .unwrap_or_default();
+            let have = labels.get(key);
+            match e["operator"].as_str() {
+                Some("In") => have.is_some_and(|h| values.contains(&h)),
+                Some("NotIn") => have.is_none_or(|h| !values.contains(&h)),
+                Some("Exists") => have.is_some(),
+                Some("DoesNotExist") => have.is_none(),
+                _ => false,
+            }
+        })
+    });
+    ok_labels && ok_expr
+}
+
+/// `intstr`: an integer, or a percentage of `total` (rounded up, as the disruption
+/// controller rounds minAvailable and maxUnavailable).
+fn int_or_percent(v: &Value, total: i64) -> Option<i64> {
+    if let Some(n) = v.as_i64() {
+        return Some(n);
+    }
+    let pct: i64 = v.as_str()?.strip_suffix('%')?.parse().ok()?;
+    Some((pct * total + 99) / 100)
+}
+
+impl World {
+    pub fn new(behaviour: Behaviour) -> Self {
+        Self {
+            behaviour,
+            ..Self::default()
+        }
+    }
+
+    pub fn next_resource_version(&mut self) -> String {
+        self.resource_version += 1;
+        self.resource_version.to_string()
+    }
+
+    pub fn current_resource_version(&self) -> String {
+        self.resource_version.to_string()
+    }
+
+    fn next_uid(&mut self) -> String {
+        self.uid_counter += 1;
+        format!("00000000-0000-4000-8000-{:012x}", self.uid_counter)
+    }
+
+    /// Fills in what the API server sets on create: uid, resourceVersion, creationTimestamp.
+    pub fn stamp(&mut self, obj: &mut Value) {
+        let uid = self.next_uid();
+        let rv = self.next_resource_version();
+        let meta = &mut obj["metadata"];
+        if meta.get("uid").is_none() {
+            meta["uid"] = json!(uid);
+        }
+        meta["resourceVersion"] = json!(rv);
+        meta["creationTimestamp"] = json!(now_rfc3339());
+    }
+
+    pub fn add_node(&mut self, mut node: Value) {
+        self.stamp(&mut node);
+        let name = str_at(&node, "/metadata/name")
+            .unwrap_or_default()
+            .to_owned();
+        self.nodes.insert(name, node);
+    }
+
+    pub fn add_pod(&mut self, mut pod: Value) {
+        self.stamp(&mut pod);
+        let key = key_of(&pod);
+        self.pods.insert(key, pod);
+        self.observe_pdbs();
+    }
+
+    pub fn add_pdb(&mut self, mut pdb: Value) {
+        self.stamp(&mut pdb);
+        let key = key_of(&pdb);
+        self.pdbs.insert(key.clone(), pdb);
+        self.observe_pdbs();
+    }
+
+    /// Pods the PDB selects: same namespace, selector matches.
+    fn selected<'a>(&'a self, pdb: &'a Value) -> impl Iterator<Item = &'a Value> + 'a {
+        let ns = str_at(pdb, "/metadata/namespace").unwrap_or("default");
+        let selector = pdb.pointer("/spec/selector").cloned().unwrap_or(json!({}));
+        self.pods.values().filter(move |p| {
+            str_at(p, "/metadata/namespace") == Some(ns)
+                && labels_match(
+                    &selector,
+                    p.pointer("/metadata/labels").unwrap_or(&Value::Null),
+                )
+        })
+    }
+
+    /// (currentHealthy, desiredHealthy, expectedPods) as the disruption controller computes
+    /// them: healthy = Ready and not terminating; expected = pods that are not terminating.
+    pub fn pdb_numbers(&self, pdb: &Value) -> (i64, i64, i64) {
+        let mut healthy = 0;
+        let mut expected = 0;
+        for pod in self.selected(pdb) {
+            if is_terminating(pod) {
+                continue;
+            }
+            expected += 1;
+            if is_ready(pod) {
+                healthy += 1;
+            }
+        }
+        let spec = &pdb["spec"];
+        let desired = if let Some(min) = spec.get("minAvailable") {
+            int_or_percent(min, expected).unwrap_or(0)
+        } else if let Some(max) = spec.get("maxUnavailable") {
+            (expected - int_or_percent(max, expected).unwrap_or(0)).max(0)
+        } else {
+            0
+        };
+        (healthy, desired, expected)
+    }
+
+    /// Records the healthy count of every PDB; called after every change to pods.
+    fn observe_pdbs(&mut self) {
+        let counts: Vec<(Key, i64)> = self
+            .pdbs
+            .iter()
+            .map(|(k, pdb)| (k.clone(), self.pdb_numbers(pdb).0))
+            .collect();
+        for (key, healthy) in counts {
+            let min = self.record.pdb_min_healthy.entry(key).or_insert(healthy);
+            *min = (*min).min(healthy);
+        }
+    }
+
+    /// The PDB as the API returns it, with its status computed.
+    pub fn pdb_with_status(&self, pdb: &Value) -> Value {
+        let (healthy, desired, expected) = self.pdb_numbers(pdb);
+        let mut out = pdb.clone();
+        out["status"] = json!({
+            "currentHealthy": healthy,
+            "desiredHealthy": desired,
+            "expectedPods": expected,
+            "disruptionsAllowed": (healthy - desired).max(0),
+            "observedGeneration": 1,
+        });
+        out
+    }
+
+    /// Graceful deletion: the pod gets a deletionTimestamp and goes once its containers stop.
+    /// Returns the timers to start.
+    pub fn delete_pod(
+        &mut self,
+        key: &Key,
+        grace_seconds: Option<i64>,
+        precondition_uid: Option<&str>,
+    ) -> Result<(Value, Vec<Timer>), ApiError> {
+        let pod = self
+            .pods
+            .get(key)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found("pods", &key.1))?;
+        let uid = str_at(&pod, "/metadata/uid").unwrap_or_default().to_owned();
+        if let Some(want) = precondition_uid {
+            if want != uid {
+                return Err(ApiError::conflict(format!(
+                    "Precondition failed: UID in precondition: {want}, UID in object meta: {uid}"
+                )));
+            }
+        }
+        if is_terminating(&pod) {
+            return Ok((pod, Vec::new()));
+        }
+        let own = pod
+            .pointer("/spec/terminationGracePeriodSeconds")
+            .and_then(Value::as_i64)
+            .unwrap_or(30);
+        let grace = grace_seconds.unwrap_or(own).max(0);
+        let rv = self.next_resource_version();
+        let stop_delay = pod
+            .pointer("/metadata/annotations/emulator.nth.dev~1stop-delay-ms")
+            .and_then(Value::as_str)
+            .and_then(|s| s.parse().ok())
+            .map(Duration::from_millis)
+            .unwrap_or(self.behaviour.pod_stop_delay);
+        let after = stop_delay.min(Duration::from_secs(u64::try_from(grace).unwrap_or(0)));
+        let Some(pod) = self.pods.get_mut(key) else {
+            return Err(ApiError::not_found("pods", &key.1));
+        };
+        pod["metadata"]["deletionTimestamp"] = json!((Utc::now()
+            + chrono::Duration::seconds(grace))
+        .to_rfc3339_opts(SecondsFormat::Secs, true));
+        pod["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
+        pod["metadata"]["resourceVersion"] = json!(rv);
+        let deleted = pod.clone();
+        let mut timers = vec![Timer::RemovePod {
+            key: key.clone(),
+            uid,
+            after,
+        }];
+        timers.extend(self.replace_if_replicaset(&deleted));
+        self.observe_pdbs();
+        Ok((deleted, timers))
+    }
+
+    /// The ReplicaSet controller: a terminating pod it owns is replaced at once by a new pod
+    /// (on the spare node, if any) that turns Ready a little later.
+    fn replace_if_replicaset(&mut self, pod: &Value) -> Option<Timer> {
+        let owner = pod
+            .pointer("/metadata/ownerReferences")?
+            .as_array()?
+            .iter()
+            .find(|o| o["kind"] == "ReplicaSet" && o["controller"] == true)?
+            .clone();
+        let rs = owner["name"].as_str()?.to_owned();
+        let ns = str_at(pod, "/metadata/namespace")?.to_owned();
+        let suffix = self.uid_counter + 1;
+        let name = format!("{rs}-r{suffix:05}");
+        let mut replacement = json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": name,
+                "namespace": ns,
+                "labels": pod.pointer("/metadata/labels").cloned().unwrap_or(json!({})),
+                "ownerReferences": [owner],
+            },
+            "spec": pod.get("spec").cloned().unwrap_or(json!({})),
+            "status": {"phase": "Pending", "conditions": [{"type": "Ready", "status": "False"}]},
+        });
+        match &self.behaviour.spare_node {
+            Some(node) => {
+                replacement["spec"]["nodeName"] = json!(node);
+                replacement["status"]["phase"] = json!("Running");
+            }
+            None => {
+                if let Some(spec) = replacement["spec"].as_object_mut() {
+                    spec.remove("nodeName");
+                }
+            }
+        }
+        self.stamp(&mut replacement);
+        let uid = str_at(&replacement, "/metadata/uid")
+            .unwrap_or_default()
+            .to_owned();
+        let key = (ns, name);
+        let schedulable = self.behaviour.spare_node.is_some();
+        self.pods.insert(key.clone(), replacement);
+        schedulable.then_some(Timer::PodReady {
+            key,
+            uid,
+            after: self.behaviour.replacement_ready_delay,
+        })
+    }
+
+    pub fn remove_pod(&mut self, key: &Key, uid: &str) {
+        if self
+            .pods
+            .get(key)
+            .is_some_and(|p| str_at(p, "/metadata/uid") == Some(uid))
+        {
+            self.pods.remove(key);
+            self.next_resource_version();
+            self.observe_pdbs();
+        }
+    }
+
+    pub fn mark_ready(&mut self, key: &Key, uid: &str) {
+        let rv = self.next_resource_version();
+        if let Some(pod) = self
+            .pods
+            .get_mut(key)
+            .filter(|p| str_at(p, "/metadata/uid") == Some(uid))
+        {
+            pod["status"]["conditions"] = json!([{"type": "Ready", "status": "True"}]);
+            pod["status"]["phase"] = json!("Running");
+            pod["metadata"]["resourceVersion"] = json!(rv);
+        }
+        self.observe_pdbs();
+    }
+
+    /// The Eviction subresource's rules (pkg/registry/core/pod/storage/eviction.go).
+    pub fn evict(
+        &mut self,
+        key: &Key,
+        grace_seconds: Option<i64>,
+        precondition_uid: Option<&str>,
+    ) -> Result<Vec<Timer>, ApiError> {
+        let pod = self
+            .pods
+            .get(key)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found("pods", &key.1))?;
+        let phase = str_at(&pod, "/status/phase").unwrap_or("Pending");
+        // Pods that are finished, not yet running, or already going need no budget.
+        let ignore_budget =
+            is_terminating(&pod) || matches!(phase, "Succeeded" | "Failed" | "Pending");
+        if !ignore_budget {
+            let budgets: Vec<Value> = self
+                .pdbs
+                .values()
+                .filter(|pdb| self.selected(pdb).any(|p| key_of(p) == *key))
+                .cloned()
+                .collect();
+            if budgets.len() > 1 {
+                return Err(ApiError::internal(
+                    "This pod has more than one PodDisruptionBudget, which the eviction subresource does not support.",
+                ));
+            }
+            if let Some(pdb) = budgets.first() {
+                let (healthy, desired, _) = self.pdb_numbers(pdb);
+                let pod_healthy = is_ready(&pod);
+                let policy = pdb
+                    .pointer("/spec/unhealthyPodEvictionPolicy")
+                    .and_then(Value::as_str)
+                    .unwrap_or("IfHealthyBudget");
+                let allowed = if pod_healthy {
+                    healthy - desired > 0
+                } else {
+                    policy == "AlwaysAllow" || healthy >= desired
+                };
+                if !allowed {
+                    self.record.evictions_refused += 1;
+                    let name = str_at(pdb, "/metadata/name").unwrap_or_default();
+                    return Err(ApiError::too_many_requests(format!(
+                        "The disruption budget {name} needs {desired} healthy pods and has {healthy} currently"
+                    )));
+                }
+            }
+        }
+        let (_, timers) = self.delete_pod(key, grace_seconds, precondition_uid)?;
+        self.record.evictions_accepted += 1;
+        Ok(timers)
+    }
+}
+
+pub fn key_of(obj: &Value) -> Key {
+    (
+        str_at(obj, "/metadata/namespace")
+            .unwrap_or("default")
+            .to_owned(),
+        str_at(obj, "/metadata/name").unwrap_or_default().to_owned(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, ready: bool) -> Value {
+        json!({
+            "metadata": {"name": name, "namespace": "web", "labels": {"app": "web"}},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "x"}]},
+            "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": if ready {"True"} else {"False"}}]},
+        })
+    }
+
+    fn world_with_pdb(spec: Value, pods: usize) -> World {
+        let mut w = World::new(Behaviour::default());
+        for i in 0..pods {
+            w.add_pod(pod(&format!("p{i}"), true));
+        }
+        w.add_pdb(json!({"metadata": {"name": "web", "namespace": "web"}, "spec": spec}));
+        w
+    }
+
+    fn key(name: &str) -> Key {
+        ("web".to_owned(), name.to_owned())
+    }
+
+    #[test]
+    fn min_available_refuses_the_eviction_that_would_break_it() {
+        let mut w = world_with_pdb(
+            json!({"minAvailable": 1, "selector": {"matchLabels": {"app": "web"}}}),
+            2,
+        );
+        assert!(w.evict(&key("p0"), Some(0), None).is_ok());
+        let err = w
+            .evict(&key("p1"), Some(0), None)
+            .expect_err("budget exhausted");
+        assert_eq!(err.code, 429);
+        assert_eq!(w.record.pdb_min_healthy[&key("web")], 1);
+    }
+
+    #[test]
+    fn percentages_round_up_like_the_disruption_controller() {
+        // maxUnavailable 50% of 3 rounds up to 2, leaving 1 desired healthy.
+        let w = world_with_pdb(
+            json!({"maxUnavailable": "50%", "selector": {"matchLabels": {"app": "web"}}}),
+            3,
+        );
+        let pdb = w.pdbs.values().next().cloned().expect("pdb");
+        assert_eq!(w.pdb_numbers(&pdb), (3, 1, 3));
+        let w = world_with_pdb(
+            json!({"minAvailable": "50%", "selector": {"matchLabels": {"app": "web"}}}),
+            3,
+        );
+        let pdb = w.pdbs.values().next().cloned().expect("pdb");
+        assert_eq!(w.pdb_numbers(&pdb).1, 2);
+    }
+
+    #[test]
+    fn two_budgets_on_one_pod_is_a_500() {
+        let mut w = world_with_pdb(
+            json!({"minAvailable": 0, "selector": {"matchLabels": {"app": "web"}}}),
+            2,
+        );
+        w.add_pdb(json!({"metadata": {"name": "other", "namespace": "web"}, "spec": {"minAvailable": 0, "selector": {}}}));
+        assert_eq!(w.evict(&key("p0"), None, None).expect_err("500").code, 500);
+    }
+
+    #[test]
+    fn uid_precondition_protects_a_replacement_with_the_same_name() {
+        let mut w = world_with_pdb(
+            json!({"minAvailable": 0, "selector": {"matchLabels": {"app": "web"}}}),
+            1,
+        );
+        assert_eq!(
+            w.evict(&key("p0"), None, Some("not-the-uid"))
+                .expect_err("409")
+                .code,
+            409
+        );
+    }
+}

@@ -1,0 +1,141 @@
+//! moto's server mode: real AWS API responses on a loopback port, reached by the real
+//! aws-sdk-rust clients through AWS_ENDPOINT_URL.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use aws_sdk_ec2::types::{Placement, ResourceType, Tag, TagSpecification};
+use tokio::process::{Child, Command};
+
+use crate::{
+    free_port, workspace_root, TEST_ACCESS_KEY, TEST_REGION, TEST_SECRET_KEY, TEST_SESSION_TOKEN,
+};
+
+/// moto imports a great deal on start; on a busy 2-core machine it can take a while.
+const MOTO_START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The moto_server to run: $NTH_MOTO_SERVER, else the venv `scripts/test` makes, else PATH.
+pub fn moto_server_path() -> PathBuf {
+    if let Some(path) = std::env::var_os("NTH_MOTO_SERVER") {
+        return PathBuf::from(path);
+    }
+    let venv = workspace_root().join(".venv/bin/moto_server");
+    if venv.exists() {
+        venv
+    } else {
+        PathBuf::from("moto_server")
+    }
+}
+
+#[derive(Debug)]
+pub struct Moto {
+    pub endpoint: String,
+    child: Child,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _already_gone = self.child.start_kill();
+    }
+}
+
+/// An EC2 instance created in moto.
+#[derive(Debug, Clone)]
+pub struct Instance {
+    pub id: String,
+    pub private_dns_name: String,
+    pub availability_zone: String,
+}
+
+impl Moto {
+    pub async fn start() -> anyhow::Result<Self> {
+        let port = free_port()?;
+        let program = moto_server_path();
+        let child = Command::new(&program)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "starting {} (run scripts/test, which installs moto into .venv, or set NTH_MOTO_SERVER)",
+                    program.display()
+                )
+            })?;
+        let moto = Self {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            child,
+        };
+        let started = std::time::Instant::now();
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            if started.elapsed() > MOTO_START_TIMEOUT {
+                bail!("moto_server did not listen on port {port} within {MOTO_START_TIMEOUT:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(moto)
+    }
+
+    pub async fn ec2(&self) -> aws_sdk_ec2::Client {
+        let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new(TEST_REGION))
+            .endpoint_url(&self.endpoint)
+            .credentials_provider(aws_sdk_ec2::config::Credentials::new(
+                TEST_ACCESS_KEY,
+                TEST_SECRET_KEY,
+                Some(TEST_SESSION_TOKEN.to_owned()),
+                None,
+                "nth-tests",
+            ))
+            .load()
+            .await;
+        aws_sdk_ec2::Client::new(&config)
+    }
+
+    /// Launches one instance in `az` with `tags`, as an EKS node group would.
+    pub async fn run_instance(&self, az: &str, tags: &[(&str, &str)]) -> anyhow::Result<Instance> {
+        let ec2 = self.ec2().await;
+        let image = ec2
+            .describe_images()
+            .send()
+            .await
+            .context("moto DescribeImages")?
+            .images()
+            .iter()
+            .find_map(|i| i.image_id().map(str::to_owned))
+            .context("moto has no AMI")?;
+        let mut spec = TagSpecification::builder().resource_type(ResourceType::Instance);
+        for (k, v) in tags {
+            spec = spec.tags(Tag::builder().key(*k).value(*v).build());
+        }
+        let output = ec2
+            .run_instances()
+            .image_id(image)
+            .instance_type(aws_sdk_ec2::types::InstanceType::M5Large)
+            .min_count(1)
+            .max_count(1)
+            .placement(Placement::builder().availability_zone(az).build())
+            .tag_specifications(spec.build())
+            .send()
+            .await
+            .context("moto RunInstances")?;
+        let instance = output
+            .instances()
+            .first()
+            .context("RunInstances returned no instance")?;
+        Ok(Instance {
+            id: instance.instance_id().context("no instance id")?.to_owned(),
+            private_dns_name: instance
+                .private_dns_name()
+                .context("no PrivateDnsName")?
+                .to_owned(),
+            availability_zone: az.to_owned(),
+        })
+    }
+}

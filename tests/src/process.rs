@@ -1,0 +1,101 @@
+//! The real `nth-lambda` binary as a child process under the Runtime API emulator, its JSON
+//! log lines captured for assertions.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// A binary built from this workspace, next to the running test or tool
+/// (`target/<profile>/NAME`). `scripts/test` builds them before the tests run.
+pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the test executable")?;
+    let mut dir = exe
+        .parent()
+        .context("test executable has no directory")?
+        .to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!(
+            "{} is not built: run `cargo build -p nth-lambda` (scripts/test does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+#[derive(Debug)]
+pub struct LambdaProcess {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl LambdaProcess {
+    /// Starts `nth-lambda` with exactly `env` (nothing inherited, so the host's AWS settings
+    /// cannot leak in).
+    pub fn spawn(env: &BTreeMap<String, String>) -> anyhow::Result<Self> {
+        let binary = workspace_binary("nth-lambda")?;
+        let mut child = Command::new(&binary)
+            .env_clear()
+            .envs(env)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        for stream in [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let lines = Arc::clone(&lines);
+            tokio::spawn(async move {
+                let mut reader = BufReader::new(stream).lines();
+                while let Ok(Some(line)) = reader.next_line().await {
+                    lines
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push(line);
+                }
+            });
+        }
+        Ok(Self { child, lines })
+    }
+
+    /// Every line the process wrote so far.
+    pub fn output(&self) -> Vec<String> {
+        self.lines
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The lines that are JSON log records.
+    pub fn log_records(&self) -> Vec<Value> {
+        self.output()
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}

@@ -1,0 +1,180 @@
+//! A whole emulated world: moto with the instance, the API server with its node and pods,
+//! and the real `nth-lambda` under the Runtime API emulator. The end-to-end tests and the
+//! README's sandbox command both start it.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use base64::Engine;
+use chrono::{SecondsFormat, Utc};
+use serde_json::{json, Value};
+
+use crate::fixtures;
+use crate::kube::{AuthConfig, Behaviour, KubeApi};
+use crate::moto::{Instance, Moto};
+use crate::process::LambdaProcess;
+use crate::runtime_api::{Outcome, RuntimeApi};
+use crate::{TEST_ACCESS_KEY, TEST_REGION, TEST_SECRET_KEY, TEST_SESSION_TOKEN};
+
+pub const CLUSTER: &str = "sandbox";
+/// Where the ReplicaSet controller puts replacements of evicted pods.
+pub const SPARE_NODE: &str = "ip-10-0-200-1.ec2.internal";
+pub const APP_NAMESPACE: &str = "shop";
+pub const PDB_NAME: &str = "checkout";
+/// The function timeout the sandbox invokes with, as a SAM deployment would set it.
+pub const FUNCTION_TIMEOUT: Duration = Duration::from_secs(300);
+
+#[derive(Debug)]
+pub struct Sandbox {
+    pub moto: Moto,
+    pub kube: KubeApi,
+    pub runtime: RuntimeApi,
+    pub lambda: LambdaProcess,
+    pub instance: Instance,
+}
+
+impl Sandbox {
+    /// Starts everything and seeds the cluster: the instance's node with one DaemonSet pod,
+    /// one mirror pod and eight ReplicaSet pods, two of them under a PDB allowing one
+    /// disruption at a time; plus a spare node for replacements. `env` adds to or overrides
+    /// the function's environment.
+    pub async fn start(env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let moto = Moto::start().await?;
+        let instance = moto
+            .run_instance(
+                "us-east-1a",
+                &[("eks:cluster-name", CLUSTER), ("Name", "sandbox-spot")],
+            )
+            .await?;
+        let kube = KubeApi::start(
+            AuthConfig {
+                cluster_name: CLUSTER.to_owned(),
+                secret_access_key: Some(TEST_SECRET_KEY.to_owned()),
+            },
+            Behaviour {
+                spare_node: Some(SPARE_NODE.to_owned()),
+                replacement_ready_delay: Duration::from_millis(1500),
+                ..Behaviour::default()
+            },
+        )
+        .await?;
+        let node = instance.private_dns_name.clone();
+        kube.world(|w| {
+            w.add_node(fixtures::node(
+                &node,
+                &instance.id,
+                &instance.availability_zone,
+            ));
+            w.add_node(fixtures::node(
+                SPARE_NODE,
+                "i-0ffffffffffffffff",
+                "us-east-1b",
+            ));
+            w.add_pod(fixtures::daemonset_pod("kube-system", "aws-node", &node));
+            w.add_pod(fixtures::mirror_pod("kube-system", "kube-proxy", &node));
+            for i in 0..6 {
+                w.add_pod(fixtures::replicaset_pod(
+                    APP_NAMESPACE,
+                    "web-5d9f7",
+                    i,
+                    &node,
+                    "web",
+                ));
+            }
+            for i in 0..2 {
+                w.add_pod(fixtures::replicaset_pod(
+                    APP_NAMESPACE,
+                    "checkout-6c8d",
+                    i,
+                    &node,
+                    "checkout",
+                ));
+            }
+            w.add_pdb(fixtures::pdb_max_unavailable(
+                APP_NAMESPACE,
+                PDB_NAME,
+                "checkout",
+                1,
+            ));
+        });
+        let runtime = RuntimeApi::start().await?;
+        let mut vars = handler_env(&moto, &kube);
+        vars.extend(lambda_env(&runtime));
+        for (k, v) in env {
+            vars.insert((*k).to_owned(), (*v).to_owned());
+        }
+        let lambda = LambdaProcess::spawn(&vars)?;
+        Ok(Self {
+            moto,
+            kube,
+            runtime,
+            lambda,
+            instance,
+        })
+    }
+
+    pub fn node_name(&self) -> &str {
+        &self.instance.private_dns_name
+    }
+
+    /// A Spot interruption warning for the sandbox's instance, sent now.
+    pub fn spot_event(&self, id: &str) -> Value {
+        json!({
+            "version": "0",
+            "id": id,
+            "detail-type": "EC2 Spot Instance Interruption Warning",
+            "source": "aws.ec2",
+            "account": "123456789012",
+            "time": Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true),
+            "region": TEST_REGION,
+            "resources": [format!("arn:aws:ec2:{TEST_REGION}:123456789012:instance/{}", self.instance.id)],
+            "detail": { "instance-id": self.instance.id, "instance-action": "terminate" },
+        })
+    }
+
+    pub async fn invoke(&self, event: Value) -> anyhow::Result<Outcome> {
+        self.runtime.invoke(event, FUNCTION_TIMEOUT).await
+    }
+
+    /// The environment for running `nth-lambda explain` or `replay` against this world.
+    pub fn cli_env(&self) -> BTreeMap<String, String> {
+        handler_env(&self.moto, &self.kube)
+    }
+}
+
+/// What the Lambda service sets for a function: the Runtime API and the function's identity.
+fn lambda_env(runtime: &RuntimeApi) -> BTreeMap<String, String> {
+    [
+        ("AWS_LAMBDA_RUNTIME_API", runtime.address.as_str()),
+        ("AWS_LAMBDA_FUNCTION_NAME", "nth"),
+        ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128"),
+        ("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST"),
+        ("AWS_LAMBDA_LOG_GROUP_NAME", "/aws/lambda/nth"),
+        ("AWS_LAMBDA_LOG_STREAM_NAME", "2026/11/25/[$LATEST]sandbox"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+/// AWS settings pointing at moto, and nth's own settings for this world's cluster.
+fn handler_env(moto: &Moto, kube: &KubeApi) -> BTreeMap<String, String> {
+    let ca_data = base64::engine::general_purpose::STANDARD.encode(&kube.ca_pem);
+    [
+        ("AWS_REGION", TEST_REGION),
+        ("AWS_ACCESS_KEY_ID", TEST_ACCESS_KEY),
+        ("AWS_SECRET_ACCESS_KEY", TEST_SECRET_KEY),
+        ("AWS_SESSION_TOKEN", TEST_SESSION_TOKEN),
+        ("AWS_ENDPOINT_URL", moto.endpoint.as_str()),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+        ("CLUSTER_NAME", CLUSTER),
+        ("CLUSTER_ENDPOINT", kube.url.as_str()),
+        ("CLUSTER_CA_DATA", ca_data.as_str()),
+        // Faster than the 5 s default, so the PDB-guarded pods move within seconds.
+        ("EVICTION_RETRY_SECONDS", "1"),
+        ("LOG_LEVEL", "info"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}

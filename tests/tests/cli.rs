@@ -1,0 +1,228 @@
+//! `nth-lambda explain` and `nth-lambda replay`, the commands operators script.
+
+use std::path::PathBuf;
+use std::process::Output;
+
+use nth_tests::process::workspace_binary;
+use nth_tests::sandbox::Sandbox;
+use nth_tests::workspace_root;
+use serde_json::Value;
+
+fn sample(name: &str) -> PathBuf {
+    workspace_root().join("tests/events/eventbridge").join(name)
+}
+
+fn run(args: &[&str], env: &std::collections::BTreeMap<String, String>) -> anyhow::Result<Output> {
+    Ok(std::process::Command::new(workspace_binary("nth-lambda")?)
+        .args(args)
+        .env_clear()
+        .envs(env)
+        .output()?)
+}
+
+fn stdout_json(output: &Output) -> Value {
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}):\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
+}
+
+#[test]
+fn explain_plans_the_sample_spot_event() -> anyhow::Result<()> {
+    let path = sample("spot-interruption-warning.json");
+    let output = run(
+        &["explain", path.to_str().unwrap_or_default()],
+        &Default::default(),
+    )?;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let plan = stdout_json(&output);
+    let first = &plan["interruptions"][0];
+    assert_eq!(first["kind"], "spot-interruption");
+    assert_eq!(first["instance_id"], "i-0b662ef9931388ba0");
+    assert_eq!(first["deadline"], "2026-11-02T14:07:03Z");
+    assert_eq!(first["action"], "taint+cordon+drain");
+    assert_eq!(plan["skipped"], Value::Null);
+    Ok(())
+}
+
+#[test]
+fn explain_skips_an_event_it_does_not_handle() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("ami.json");
+    std::fs::write(
+        &path,
+        r#"{"id":"x","source":"aws.ec2","detail-type":"EC2 AMI State Change","time":"2026-11-02T14:05:03Z","detail":{}}"#,
+    )?;
+    let output = run(
+        &["explain", path.to_str().unwrap_or_default()],
+        &Default::default(),
+    )?;
+    assert!(output.status.success());
+    let plan = stdout_json(&output);
+    assert_eq!(plan["interruptions"], serde_json::json!([]));
+    assert!(plan["skipped"]
+        .as_str()
+        .is_some_and(|s| s.contains("EC2 AMI State Change")));
+    Ok(())
+}
+
+#[test]
+fn explain_rejects_a_malformed_event_naming_the_field() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("bad.json");
+    let mut event: Value = serde_json::from_str(&std::fs::read_to_string(sample(
+        "spot-interruption-warning.json",
+    ))?)?;
+    event["detail"]
+        .as_object_mut()
+        .map(|d| d.remove("instance-id"));
+    std::fs::write(&path, event.to_string())?;
+    let output = run(
+        &["explain", path.to_str().unwrap_or_default()],
+        &Default::default(),
+    )?;
+    assert!(
+        !output.status.success(),
+        "a malformed event must exit non-zero"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("instance-id"), "{stderr}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_dry_run_plans_the_drain_and_changes_nothing() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start(&[]).await?;
+    // The sample event, about the sandbox's instance.
+    let mut event: Value = serde_json::from_str(&std::fs::read_to_string(sample(
+        "spot-interruption-warning.json",
+    ))?)?;
+    event["detail"]["instance-id"] = Value::from(sandbox.instance.id.clone());
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("event.json");
+    std::fs::write(&path, event.to_string())?;
+    let node_before = sandbox.kube.node(sandbox.node_name());
+
+    let output = run(
+        &["replay", path.to_str().unwrap_or_default(), "--dry-run"],
+        &sandbox.cli_env(),
+    )?;
+
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let result = stdout_json(&output);
+    assert_eq!(result["results"][0]["outcome"], "dry-run");
+    assert_eq!(
+        result["results"][0]["drain"]["evicted"]
+            .as_array()
+            .map(Vec::len),
+        Some(8)
+    );
+    assert_eq!(
+        sandbox.kube.node(sandbox.node_name()),
+        node_before,
+        "node untouched"
+    );
+    assert_eq!(
+        sandbox.kube.pods_on(sandbox.node_name()).len(),
+        10,
+        "no pod evicted"
+    );
+    let writes: Vec<_> = sandbox
+        .kube
+        .requests()
+        .into_iter()
+        .filter(|r| r.method != "GET")
+        .collect();
+    assert!(writes.is_empty(), "a dry run writes nothing: {writes:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_dry_run_of_the_verbatim_sample_finds_no_such_instance() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start(&[]).await?;
+    let path = sample("spot-interruption-warning.json");
+    let output = run(
+        &["replay", path.to_str().unwrap_or_default(), "--dry-run"],
+        &sandbox.cli_env(),
+    )?;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        stdout_json(&output)["results"][0]["outcome"],
+        "instance unknown to EC2"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_with_a_kubeconfig_drains_for_real() -> anyhow::Result<()> {
+    use base64::Engine;
+    let sandbox = Sandbox::start(&[]).await?;
+    let token = nth_lambda::token::presign_token(
+        nth_tests::sandbox::CLUSTER,
+        nth_tests::TEST_REGION,
+        aws_credential_types::Credentials::new(
+            nth_tests::TEST_ACCESS_KEY,
+            nth_tests::TEST_SECRET_KEY,
+            Some(nth_tests::TEST_SESSION_TOKEN.to_owned()),
+            None,
+            "test",
+        ),
+        std::time::SystemTime::now(),
+    )?;
+    let kubeconfig = serde_json::json!({
+        "apiVersion": "v1", "kind": "Config", "current-context": "sandbox",
+        "clusters": [{"name": "sandbox", "cluster": {
+            "server": sandbox.kube.url,
+            "certificate-authority-data": base64::engine::general_purpose::STANDARD.encode(&sandbox.kube.ca_pem),
+        }}],
+        "users": [{"name": "nth", "user": {"token": token}}],
+        "contexts": [{"name": "sandbox", "context": {"cluster": "sandbox", "user": "nth"}}],
+    });
+    let dir = tempfile::tempdir()?;
+    let config_path = dir.path().join("kubeconfig");
+    std::fs::write(&config_path, kubeconfig.to_string())?;
+    let event_path = dir.path().join("event.json");
+    std::fs::write(&event_path, sandbox.spot_event("replay-1").to_string())?;
+    let mut env = sandbox.cli_env();
+    env.retain(|k, _| !k.starts_with("CLUSTER_") || k == "CLUSTER_NAME");
+
+    let output = run(
+        &[
+            "replay",
+            event_path.to_str().unwrap_or_default(),
+            "--kubeconfig",
+            config_path.to_str().unwrap_or_default(),
+        ],
+        &env,
+    )?;
+
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(stdout_json(&output)["results"][0]["outcome"], "drained");
+    let node = sandbox.kube.node(sandbox.node_name()).expect("node");
+    assert_eq!(node["spec"]["unschedulable"], true);
+    assert_eq!(
+        sandbox.kube.pods_on(sandbox.node_name()).len(),
+        2,
+        "only DaemonSet and mirror pods left"
+    );
+    Ok(())
+}

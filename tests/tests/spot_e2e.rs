@@ -1,0 +1,142 @@
+//! A Spot interruption warning through the real `nth-lambda` binary, on moto and the
+//! Kubernetes API emulator: what an operator would check afterwards.
+
+use nth_tests::kube::state::is_terminating;
+use nth_tests::runtime_api::Outcome;
+use nth_tests::sandbox::{Sandbox, APP_NAMESPACE, PDB_NAME};
+use serde_json::{json, Value};
+
+fn names(pods: &[Value]) -> Vec<String> {
+    let mut names: Vec<String> = pods
+        .iter()
+        .filter_map(|p| {
+            p.pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spot_interruption_cordons_taints_and_drains_the_node() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start(&[]).await?;
+    let node = sandbox.node_name().to_owned();
+
+    let outcome = sandbox
+        .invoke(sandbox.spot_event("5c3e9a7e-0000-4000-8000-000000000001"))
+        .await?;
+
+    let Outcome::Response(response) = &outcome else {
+        panic!(
+            "invocation failed: {outcome:?}\nlogs:\n{}",
+            sandbox.lambda.output().join("\n")
+        );
+    };
+    assert_eq!(response["results"][0]["outcome"], "drained", "{response:#}");
+
+    let marked = sandbox.kube.node(&node).expect("node still exists");
+    assert_eq!(marked["spec"]["unschedulable"], true, "node is cordoned");
+    let taints = marked["spec"]["taints"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        taints.iter().any(|t| t["key"] == "node-termination-handler/spot-itn" && t["effect"] == "NoSchedule"),
+        "spot taint present: {taints:?}"
+    );
+    assert_eq!(
+        marked["metadata"]["annotations"]["node-termination-handler/event-id"],
+        "5c3e9a7e-0000-4000-8000-000000000001"
+    );
+
+    // Only the DaemonSet pod and the mirror pod remain; every workload pod is gone.
+    let left = sandbox.kube.pods_on(&node);
+    assert_eq!(
+        names(&left),
+        vec!["aws-node-ip-10".to_owned(), format!("kube-proxy-{node}")],
+        "pods left on the node"
+    );
+    assert!(
+        left.iter().all(|p| !is_terminating(p)),
+        "DaemonSet and mirror pods were not evicted"
+    );
+
+    // The PDB (maxUnavailable 1 over 2 pods) never had fewer than 1 healthy pod.
+    let min_healthy = sandbox.kube.world(|w| {
+        w.record
+            .pdb_min_healthy
+            .get(&(APP_NAMESPACE.to_owned(), PDB_NAME.to_owned()))
+            .copied()
+    });
+    assert_eq!(min_healthy, Some(1), "PDB respected: lowest healthy count");
+    let refused = sandbox.kube.world(|w| w.record.evictions_refused);
+    assert!(
+        refused >= 1,
+        "the second checkout pod had to wait for its budget (refusals: {refused})"
+    );
+
+    // Every request carried a well-formed, correctly signed EKS token.
+    assert!(
+        sandbox.kube.auth_failures().is_empty(),
+        "{:?}",
+        sandbox.kube.auth_failures()
+    );
+    let tokens = sandbox.kube.tokens_seen();
+    assert!(!tokens.is_empty() && tokens.iter().all(|t| t.starts_with("k8s-aws-v1.")));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_spot_event_fails_the_invocation_naming_the_field() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start(&[]).await?;
+    let mut event = sandbox.spot_event("bad-1");
+    event["detail"] = json!({"instance-action": "terminate"});
+
+    let outcome = sandbox.invoke(event).await?;
+
+    let Outcome::Error {
+        error_type,
+        message,
+    } = outcome
+    else {
+        panic!("a malformed event must fail the invocation, got {outcome:?}");
+    };
+    assert_eq!(error_type, "MalformedEvent");
+    assert!(message.contains("instance-id"), "{message}");
+    // Nothing was touched.
+    let node = sandbox.kube.node(sandbox.node_name()).expect("node");
+    assert!(node["spec"].get("unschedulable").is_none());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_detail_type_succeeds_with_a_logged_skip() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start(&[]).await?;
+    let event = json!({
+        "version": "0", "id": "skip-1", "detail-type": "EC2 AMI State Change", "source": "aws.ec2",
+        "account": "123456789012", "time": "2026-11-02T14:05:03Z", "region": "us-east-1",
+        "resources": [], "detail": {"ImageId": "ami-1", "State": "available"},
+    });
+
+    let outcome = sandbox.invoke(event).await?;
+
+    let Outcome::Response(response) = outcome else {
+        panic!("an unknown event must succeed, got {outcome:?}");
+    };
+    assert!(response["skipped"]
+        .as_str()
+        .is_some_and(|s| s.contains("EC2 AMI State Change")));
+    let logged = sandbox
+        .lambda
+        .log_records()
+        .iter()
+        .any(|r| r["fields"]["message"] == "event skipped" || r["message"] == "event skipped");
+    assert!(logged, "skip is logged: {:?}", sandbox.lambda.output());
+    assert!(
+        sandbox.kube.requests().is_empty(),
+        "no API call for a skipped event"
+    );
+    Ok(())
+}
