@@ -10,6 +10,6 @@ pub mod node;
 pub mod policy;
 
 pub use drain::{DrainDeadline, DrainError, DrainReport, DrainSettings, Drainer};
-pub use events::{Interruption, InterruptionKind};
-pub use node::{MarkOutcome, NodeError, NodeMarker};
-pub use policy::{Action, Policy, TaintEffect};
+pub use events::{Interruption, InterruptionKind, LifecycleAction};
+pub use node::{MarkOutcome, NodeError, NodeMarker, RestoreOutcome};
+pub use policy::{Action, Disruption, Policy, Response, TaintEffect};

@@ -6,8 +6,8 @@ use kube::{Api, Client};
 use serde_json::json;
 use tracing::{info, instrument};
 
-use crate::events::Interruption;
-use crate::policy::{Action, Policy};
+use crate::events::{Interruption, InterruptionKind};
+use crate::policy::Policy;
 
 /// Page size when a node must be found by listing: large enough that a 5,000-node cluster is
 /// a handful of requests, small enough that one page stays well inside a 128 MB Lambda.
@@ -48,6 +48,24 @@ pub enum MarkOutcome {
     DryRun,
 }
 
+/// What restoring a node after its instance came back did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestoreOutcome {
+    Restored,
+    /// nth did not cordon this node for a stop: someone else's cordon is left alone.
+    NotOurs,
+    DryRun,
+}
+
+/// Is the node's Ready condition True?
+pub fn node_is_ready(node: &Node) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
 /// Does `provider_id` (`aws:///<az>/<instance-id>`) name this instance?
 pub fn provider_id_matches(provider_id: &str, instance_id: &str) -> bool {
     provider_id
@@ -80,14 +98,7 @@ impl NodeMarker {
         likely_name: Option<&str>,
     ) -> Result<Option<Node>, NodeError> {
         if let Some(name) = likely_name.filter(|n| !n.is_empty()) {
-            let node = self
-                .nodes
-                .get_opt(name)
-                .await
-                .map_err(|source| NodeError::Get {
-                    node: name.to_owned(),
-                    source,
-                })?;
+            let node = self.get(name).await?;
             if let Some(node) = node {
                 if node_provider_id(&node).is_none_or(|p| provider_id_matches(p, instance_id)) {
                     return Ok(Some(node));
@@ -130,21 +141,31 @@ impl NodeMarker {
         &self,
         node: &Node,
         interruption: &Interruption,
-        action: &Action,
+        taint: Option<&str>,
+        cordon: bool,
     ) -> Result<MarkOutcome, NodeError> {
         let name = node.metadata.name.clone().unwrap_or_default();
-        if self.already_marked(node, interruption, action) {
+        if self.already_marked(node, interruption, taint, cordon) {
             info!(node = %name, "node already carries this interruption's marks; nothing to patch");
             return Ok(MarkOutcome::AlreadyMarked);
         }
-        let patch = self.mark_patch(interruption, action);
+        let patch = self.mark_patch(interruption, taint, cordon);
+        if !self.patch(&name, patch).await? {
+            return Ok(MarkOutcome::DryRun);
+        }
+        info!(node = %name, cordon, taint = taint.unwrap_or("none"), "node marked");
+        Ok(MarkOutcome::Marked)
+    }
+
+    /// Applies a strategic-merge patch, or logs it in a dry run. `Ok(true)` when applied.
+    async fn patch(&self, name: &str, patch: serde_json::Value) -> Result<bool, NodeError> {
         if self.policy.dry_run {
             info!(node = %name, patch = %patch, "dry run: would patch node");
-            return Ok(MarkOutcome::DryRun);
+            return Ok(false);
         }
         self.nodes
             .patch(
-                &name,
+                name,
                 &PatchParams {
                     field_manager: Some(FIELD_MANAGER.to_owned()),
                     ..PatchParams::default()
@@ -153,19 +174,77 @@ impl NodeMarker {
             )
             .await
             .map_err(|source| NodeError::Patch {
-                node: name.clone(),
+                node: name.to_owned(),
                 source,
             })?;
-        info!(node = %name, cordon = action.cordon, taint = action.taint.as_deref().unwrap_or("none"), "node marked");
-        Ok(MarkOutcome::Marked)
+        Ok(true)
     }
 
-    fn mark_patch(&self, interruption: &Interruption, action: &Action) -> serde_json::Value {
+    /// Reads a node by name; `None` when it does not exist.
+    pub async fn get(&self, name: &str) -> Result<Option<Node>, NodeError> {
+        self.nodes
+            .get_opt(name)
+            .await
+            .map_err(|source| NodeError::Get {
+                node: name.to_owned(),
+                source,
+            })
+    }
+
+    /// Has this interruption's drain already completed on the node (a duplicate delivery)?
+    pub fn drained_for(&self, node: &Node, interruption: &Interruption) -> bool {
+        annotation(node, &self.policy.drained_annotation()) == Some(interruption.id.as_str())
+    }
+
+    /// Records on the node that this interruption's drain completed.
+    pub async fn record_drained(
+        &self,
+        node: &str,
+        interruption: &Interruption,
+    ) -> Result<(), NodeError> {
+        let patch = json!({"metadata": {"annotations": {self.policy.drained_annotation(): interruption.id}}});
+        self.patch(node, patch).await.map(drop)
+    }
+
+    /// Uncordons and untaints a node that nth cordoned because its instance stopped. A node
+    /// cordoned by anyone else, or by nth for another reason, is left as it is.
+    #[instrument(skip_all, fields(node = node.metadata.name.as_deref().unwrap_or_default()))]
+    pub async fn restore(&self, node: &Node) -> Result<RestoreOutcome, NodeError> {
+        let name = node.metadata.name.clone().unwrap_or_default();
+        let stopped = InterruptionKind::InstanceStopping;
+        if annotation(node, &self.policy.kind_annotation()) != Some(stopped.as_str()) {
+            info!(node = %name, "node was not cordoned by nth for a stop; leaving it alone");
+            return Ok(RestoreOutcome::NotOurs);
+        }
+        let patch = json!({
+            "metadata": {"annotations": {
+                self.policy.event_annotation(): null,
+                self.policy.kind_annotation(): null,
+                self.policy.drained_annotation(): null,
+            }},
+            "spec": {
+                "unschedulable": null,
+                "taints": [{"key": self.policy.taint_key(stopped), "$patch": "delete"}],
+            },
+        });
+        if !self.patch(&name, patch).await? {
+            return Ok(RestoreOutcome::DryRun);
+        }
+        info!(node = %name, "node uncordoned and untainted after its instance came back");
+        Ok(RestoreOutcome::Restored)
+    }
+
+    fn mark_patch(
+        &self,
+        interruption: &Interruption,
+        taint: Option<&str>,
+        cordon: bool,
+    ) -> serde_json::Value {
         let mut spec = serde_json::Map::new();
-        if action.cordon {
+        if cordon {
             spec.insert("unschedulable".into(), json!(true));
         }
-        if let Some(key) = &action.taint {
+        if let Some(key) = taint {
             spec.insert(
                 "taints".into(),
                 json!([{
@@ -184,21 +263,31 @@ impl NodeMarker {
         })
     }
 
-    fn already_marked(&self, node: &Node, interruption: &Interruption, action: &Action) -> bool {
-        let annotated = node
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(&self.policy.event_annotation()))
-            .is_some_and(|id| *id == interruption.id);
+    fn already_marked(
+        &self,
+        node: &Node,
+        interruption: &Interruption,
+        taint: Option<&str>,
+        cordon: bool,
+    ) -> bool {
+        let annotated =
+            annotation(node, &self.policy.event_annotation()) == Some(interruption.id.as_str());
         let spec = node.spec.as_ref();
-        let cordoned = !action.cordon || spec.and_then(|s| s.unschedulable).unwrap_or(false);
-        let tainted = action.taint.as_ref().is_none_or(|key| {
+        let cordoned = !cordon || spec.and_then(|s| s.unschedulable).unwrap_or(false);
+        let tainted = taint.is_none_or(|key| {
             spec.and_then(|s| s.taints.as_ref())
-                .is_some_and(|ts| ts.iter().any(|t| &t.key == key))
+                .is_some_and(|ts| ts.iter().any(|t| t.key == key))
         });
         annotated && cordoned && tainted
     }
+}
+
+fn annotation<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
+    node.metadata
+        .annotations
+        .as_ref()?
+        .get(key)
+        .map(String::as_str)
 }
 
 fn node_provider_id(node: &Node) -> Option<&str> {

@@ -1,5 +1,7 @@
 //! What to do for each kind of interruption, from configuration.
 
+use std::collections::HashMap;
+
 use serde::Serialize;
 
 use crate::events::{Interruption, InterruptionKind};
@@ -42,36 +44,110 @@ impl std::str::FromStr for TaintEffect {
     }
 }
 
-/// What to do to a node. Cordon, taint and annotation go out as one PATCH.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Action {
-    /// Taint key to add, e.g. `node-termination-handler/spot-itn`; `None` for no taint.
-    pub taint: Option<String>,
+/// What to do to a disrupted node: any of taint, cordon and drain (a drain always cordons).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Disruption {
+    pub taint: bool,
     pub cordon: bool,
     pub drain: bool,
 }
 
-impl Action {
-    pub fn is_noop(&self) -> bool {
-        self.taint.is_none() && !self.cordon && !self.drain
-    }
+impl Disruption {
+    pub const FULL: Self = Self {
+        taint: true,
+        cordon: true,
+        drain: true,
+    };
+    pub const MARK: Self = Self {
+        taint: true,
+        cordon: true,
+        drain: false,
+    };
+}
 
+/// The configured response to one kind: do nothing, or a disruption.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Response {
+    Ignore,
+    Disrupt(Disruption),
+}
+
+impl std::str::FromStr for Response {
+    type Err = String;
+
+    /// `ignore`, or `+`-joined `taint`, `cordon`, `drain` (e.g. `taint+cordon+drain`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "ignore" {
+            return Ok(Self::Ignore);
+        }
+        let mut d = Disruption {
+            taint: false,
+            cordon: false,
+            drain: false,
+        };
+        for part in s.split('+') {
+            match part {
+                "taint" => d.taint = true,
+                "cordon" => d.cordon = true,
+                "drain" => {
+                    d.drain = true;
+                    d.cordon = true;
+                }
+                other => {
+                    return Err(format!(
+                        "unknown action {other:?} in {s:?}: expected ignore, or taint, cordon and drain joined by +"
+                    ))
+                }
+            }
+        }
+        Ok(Self::Disrupt(d))
+    }
+}
+
+/// What to do about one interruption.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "action")]
+pub enum Action {
+    Ignore,
+    /// Cordon, taint (key given) and drain as set; cordon, taint and annotation go out as one
+    /// PATCH.
+    Disrupt {
+        taint: Option<String>,
+        cordon: bool,
+        drain: bool,
+    },
+    /// Uncordon and untaint a node that nth cordoned because its instance stopped.
+    Restore,
+    /// Wait for the instance's node to join and be Ready.
+    WaitReady,
+}
+
+impl Action {
     /// A short name for logs, explain output and metrics.
     pub fn name(&self) -> String {
-        let mut parts = Vec::new();
-        if self.taint.is_some() {
-            parts.push("taint");
-        }
-        if self.cordon {
-            parts.push("cordon");
-        }
-        if self.drain {
-            parts.push("drain");
-        }
-        if parts.is_empty() {
-            "ignore".to_owned()
-        } else {
-            parts.join("+")
+        match self {
+            Self::Ignore => "ignore".to_owned(),
+            Self::Restore => "uncordon".to_owned(),
+            Self::WaitReady => "wait-ready".to_owned(),
+            Self::Disrupt {
+                taint,
+                cordon,
+                drain,
+            } => {
+                let parts: Vec<&str> = [
+                    (taint.is_some(), "taint"),
+                    (*cordon, "cordon"),
+                    (*drain, "drain"),
+                ]
+                .into_iter()
+                .filter_map(|(on, name)| on.then_some(name))
+                .collect();
+                if parts.is_empty() {
+                    "ignore".to_owned()
+                } else {
+                    parts.join("+")
+                }
+            }
         }
     }
 }
@@ -83,6 +159,8 @@ pub struct Policy {
     pub taint_effect: TaintEffect,
     /// Log every write instead of making it.
     pub dry_run: bool,
+    /// Responses that replace the defaults, by kind.
+    pub overrides: HashMap<InterruptionKind, Response>,
 }
 
 impl Default for Policy {
@@ -91,18 +169,44 @@ impl Default for Policy {
             prefix: DEFAULT_PREFIX.to_owned(),
             taint_effect: TaintEffect::default(),
             dry_run: false,
+            overrides: HashMap::new(),
         }
     }
 }
 
 impl Policy {
+    /// The default response to each kind, as the README's event table says.
+    pub fn default_response(kind: InterruptionKind) -> Option<Response> {
+        use InterruptionKind as K;
+        match kind {
+            K::SpotInterruption
+            | K::AsgTermination
+            | K::ScheduledMaintenance
+            | K::InstanceStopping
+            | K::CapacityReservationInterruption => Some(Response::Disrupt(Disruption::FULL)),
+            K::RebalanceRecommendation => Some(Response::Disrupt(Disruption::MARK)),
+            K::InstanceRunning | K::AsgLaunch => None,
+        }
+    }
+
     pub fn plan(&self, interruption: &Interruption) -> Action {
-        match interruption.kind {
-            InterruptionKind::SpotInterruption => Action {
-                taint: Some(self.taint_key(interruption.kind)),
-                cordon: true,
-                drain: true,
+        use InterruptionKind as K;
+        let kind = interruption.kind;
+        let response = self
+            .overrides
+            .get(&kind)
+            .copied()
+            .or_else(|| Self::default_response(kind));
+        match (kind, response) {
+            (_, Some(Response::Ignore)) => Action::Ignore,
+            (K::InstanceRunning, _) => Action::Restore,
+            (K::AsgLaunch, _) => Action::WaitReady,
+            (_, Some(Response::Disrupt(d))) => Action::Disrupt {
+                taint: d.taint.then(|| self.taint_key(kind)),
+                cordon: d.cordon,
+                drain: d.drain,
             },
+            (_, None) => Action::Ignore,
         }
     }
 
@@ -119,6 +223,11 @@ impl Policy {
     pub fn kind_annotation(&self) -> String {
         format!("{}/interruption-kind", self.prefix)
     }
+
+    /// The annotation recording which interruption's drain completed on the node.
+    pub fn drained_annotation(&self) -> String {
+        format!("{}/drained-event-id", self.prefix)
+    }
 }
 
 #[cfg(test)]
@@ -126,26 +235,80 @@ mod tests {
     use super::*;
     use chrono::Utc;
 
-    fn spot() -> Interruption {
+    fn interruption(kind: InterruptionKind) -> Interruption {
         Interruption {
             id: "e1".into(),
-            kind: InterruptionKind::SpotInterruption,
+            kind,
             instance_id: "i-1".into(),
             event_time: Utc::now(),
             deadline: None,
-            detail: "terminate".into(),
+            detail: String::new(),
+            lifecycle: None,
         }
     }
 
     #[test]
     fn spot_interruption_taints_cordons_and_drains() {
-        let action = Policy::default().plan(&spot());
+        let action = Policy::default().plan(&interruption(InterruptionKind::SpotInterruption));
         assert_eq!(
-            action.taint.as_deref(),
-            Some("node-termination-handler/spot-itn")
+            action,
+            Action::Disrupt {
+                taint: Some("node-termination-handler/spot-itn".into()),
+                cordon: true,
+                drain: true
+            }
         );
-        assert!(action.cordon && action.drain);
         assert_eq!(action.name(), "taint+cordon+drain");
+    }
+
+    #[test]
+    fn rebalance_marks_without_draining_unless_configured() {
+        let policy = Policy::default();
+        let rebalance = interruption(InterruptionKind::RebalanceRecommendation);
+        assert_eq!(policy.plan(&rebalance).name(), "taint+cordon");
+        let draining = Policy {
+            overrides: HashMap::from([(
+                InterruptionKind::RebalanceRecommendation,
+                "taint+cordon+drain".parse().expect("valid"),
+            )]),
+            ..Policy::default()
+        };
+        assert_eq!(draining.plan(&rebalance).name(), "taint+cordon+drain");
+    }
+
+    #[test]
+    fn running_restores_launch_waits_and_both_can_be_ignored() {
+        let policy = Policy::default();
+        assert_eq!(
+            policy.plan(&interruption(InterruptionKind::InstanceRunning)),
+            Action::Restore
+        );
+        assert_eq!(
+            policy.plan(&interruption(InterruptionKind::AsgLaunch)),
+            Action::WaitReady
+        );
+        let quiet = Policy {
+            overrides: HashMap::from([(InterruptionKind::AsgLaunch, Response::Ignore)]),
+            ..Policy::default()
+        };
+        assert_eq!(
+            quiet.plan(&interruption(InterruptionKind::AsgLaunch)),
+            Action::Ignore
+        );
+    }
+
+    #[test]
+    fn responses_parse_and_drain_implies_cordon() {
+        assert_eq!("ignore".parse(), Ok(Response::Ignore));
+        assert_eq!(
+            "drain".parse(),
+            Ok(Response::Disrupt(Disruption {
+                taint: false,
+                cordon: true,
+                drain: true
+            }))
+        );
+        assert!("evict".parse::<Response>().is_err());
     }
 
     #[test]
@@ -155,8 +318,8 @@ mod tests {
             ..Policy::default()
         };
         assert_eq!(
-            policy.plan(&spot()).taint.as_deref(),
-            Some("aws-node-termination-handler/spot-itn")
+            policy.taint_key(InterruptionKind::SpotInterruption),
+            "aws-node-termination-handler/spot-itn"
         );
     }
 

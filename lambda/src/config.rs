@@ -3,8 +3,19 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::collections::HashMap;
+
 use nth_core::policy::DEFAULT_PREFIX;
-use nth_core::{DrainSettings, Policy, TaintEffect};
+use nth_core::{Disruption, DrainSettings, InterruptionKind, Policy, Response, TaintEffect};
+
+/// The tag that marks an instance (or its Auto Scaling group) as one nth may act on, as
+/// aws-node-termination-handler's queue mode checks `aws-node-termination-handler/managed`.
+pub const DEFAULT_MANAGED_TAG: &str = "node-termination-handler/managed";
+
+/// Between two lifecycle heartbeats while draining: well inside the shortest heartbeat
+/// timeout a hook can have worth draining under (Auto Scaling allows 30 s; EKS guides use
+/// 300 s or more), and cheap (one small call).
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -42,6 +53,9 @@ pub struct Config {
     pub access: ClusterAccess,
     pub policy: Policy,
     pub drain: DrainSettings,
+    /// Act only on instances (or groups) with this tag; `None` when the check is off.
+    pub managed_tag: Option<String>,
+    pub heartbeat_interval: Duration,
 }
 
 impl Config {
@@ -95,11 +109,18 @@ impl Config {
             dry_run,
             ..defaults
         };
+        let managed_tag = flag_or(&get, "CHECK_MANAGED_TAG", true)?
+            .then(|| get("MANAGED_TAG").unwrap_or_else(|| DEFAULT_MANAGED_TAG.to_owned()));
+        let heartbeat_interval = number(&get, "LIFECYCLE_HEARTBEAT_SECONDS")?
+            .map(|s: u64| Duration::from_secs(s.max(1)))
+            .unwrap_or(DEFAULT_HEARTBEAT);
         Ok(Self {
             cluster_name,
             access,
             policy,
             drain,
+            managed_tag,
+            heartbeat_interval,
         })
     }
 }
@@ -117,7 +138,39 @@ pub fn policy_from_lookup(get: &impl Fn(&str) -> Option<String>) -> Result<Polic
             None => TaintEffect::default(),
         },
         dry_run: flag(get, "DRY_RUN")?,
+        overrides: overrides(get)?,
     })
+}
+
+/// ACTIONS=`kind=response,...` (e.g. `rebalance-recommendation=taint+cordon+drain,
+/// instance-stopping=ignore`), with REBALANCE_DRAIN=true as a shortcut for the first.
+fn overrides(
+    get: &impl Fn(&str) -> Option<String>,
+) -> Result<HashMap<InterruptionKind, Response>, ConfigError> {
+    let mut map = HashMap::new();
+    if flag(get, "REBALANCE_DRAIN")? {
+        map.insert(
+            InterruptionKind::RebalanceRecommendation,
+            Response::Disrupt(Disruption::FULL),
+        );
+    }
+    let Some(value) = get("ACTIONS") else {
+        return Ok(map);
+    };
+    let invalid = |why: String| ConfigError::Invalid {
+        name: "ACTIONS",
+        value: value.clone(),
+        why,
+    };
+    for entry in value.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let (kind, response) = entry
+            .split_once('=')
+            .ok_or_else(|| invalid(format!("{entry:?} is not kind=action")))?;
+        let kind: InterruptionKind = kind.trim().parse().map_err(invalid)?;
+        let response: Response = response.trim().parse().map_err(invalid)?;
+        map.insert(kind, response);
+    }
+    Ok(map)
 }
 
 /// The process environment, with empty variables treated as unset (as SAM and Terraform
@@ -135,8 +188,17 @@ fn required(
 }
 
 fn flag(get: &impl Fn(&str) -> Option<String>, name: &'static str) -> Result<bool, ConfigError> {
+    flag_or(get, name, false)
+}
+
+fn flag_or(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+    default: bool,
+) -> Result<bool, ConfigError> {
     match get(name).as_deref().map(str::to_ascii_lowercase).as_deref() {
-        None | Some("false" | "0" | "no") => Ok(false),
+        None => Ok(default),
+        Some("false" | "0" | "no") => Ok(false),
         Some("true" | "1" | "yes") => Ok(true),
         Some(other) => Err(ConfigError::Invalid {
             name,
@@ -216,6 +278,38 @@ mod tests {
         let mut vars = CLUSTER.to_vec();
         vars[1] = ("CLUSTER_ENDPOINT", "http://plain");
         assert!(config(&vars).is_err());
+    }
+
+    #[test]
+    fn managed_tag_check_is_on_by_default_and_can_be_turned_off() {
+        let c = config(&CLUSTER).expect("valid");
+        assert_eq!(c.managed_tag.as_deref(), Some(DEFAULT_MANAGED_TAG));
+        let mut vars = CLUSTER.to_vec();
+        vars.push(("CHECK_MANAGED_TAG", "false"));
+        assert_eq!(config(&vars).expect("valid").managed_tag, None);
+    }
+
+    #[test]
+    fn actions_override_the_defaults_and_name_bad_entries() {
+        let mut vars = CLUSTER.to_vec();
+        vars.push((
+            "ACTIONS",
+            "instance-stopping=ignore, scheduled-maintenance=taint+cordon",
+        ));
+        vars.push(("REBALANCE_DRAIN", "true"));
+        let c = config(&vars).expect("valid");
+        assert_eq!(
+            c.policy.overrides[&InterruptionKind::InstanceStopping],
+            Response::Ignore
+        );
+        assert_eq!(
+            c.policy.overrides[&InterruptionKind::RebalanceRecommendation],
+            Response::Disrupt(Disruption::FULL)
+        );
+        let mut vars = CLUSTER.to_vec();
+        vars.push(("ACTIONS", "spot=drain"));
+        let err = config(&vars).expect_err("unknown kind").to_string();
+        assert!(err.contains("ACTIONS") && err.contains("spot"), "{err}");
     }
 
     #[test]

@@ -5,16 +5,34 @@
 //! error naming the field, so the invocation fails, is retried, and ends in the DLQ.
 
 use aws_lambda_events::eventbridge::EventBridgeEvent;
-use chrono::{DateTime, Utc};
-use nth_core::{Interruption, InterruptionKind};
+use chrono::{DateTime, TimeDelta, Utc};
+use nth_core::{Interruption, InterruptionKind, LifecycleAction};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
 
-/// EC2 reclaims a Spot instance two minutes after the interruption warning.
-pub const SPOT_NOTICE: chrono::TimeDelta = chrono::TimeDelta::seconds(120);
+/// EC2 reclaims a Spot instance two minutes after the interruption warning; a capacity
+/// reservation's instances get the same two-minute notice.
+pub const SPOT_NOTICE: TimeDelta = TimeDelta::seconds(120);
 
-const SPOT_INTERRUPTION: (&str, &str) = ("aws.ec2", "EC2 Spot Instance Interruption Warning");
+/// EC2 does not wait for a stopping instance's pods. This bounds how long a drain chases
+/// them (and clips their grace periods) once the instance has started to go.
+pub const STOPPING_NOTICE: TimeDelta = TimeDelta::seconds(60);
+
+const EC2: &str = "aws.ec2";
+const AUTOSCALING: &str = "aws.autoscaling";
+const HEALTH: &str = "aws.health";
+
+const SPOT_WARNING: &str = "EC2 Spot Instance Interruption Warning";
+const REBALANCE: &str = "EC2 Instance Rebalance Recommendation";
+const STATE_CHANGE: &str = "EC2 Instance State-change Notification";
+const CAPACITY_RESERVATION: &str = "EC2 Capacity Reservation Instance Interruption Warning";
+const TERMINATE_LIFECYCLE: &str = "EC2 Instance-terminate Lifecycle Action";
+const LAUNCH_LIFECYCLE: &str = "EC2 Instance-launch Lifecycle Action";
+const HEALTH_EVENT: &str = "AWS Health Event";
+
+/// Sent when a lifecycle hook is created or changed; it names no instance.
+const TEST_NOTIFICATION: &str = "autoscaling:TEST_NOTIFICATION";
 
 #[derive(Debug, thiserror::Error)]
 pub enum EventError {
@@ -38,11 +56,50 @@ pub enum Parsed {
 }
 
 #[derive(Debug, Deserialize)]
-struct SpotDetail {
+struct InstanceDetail {
     #[serde(rename = "instance-id")]
     instance_id: String,
     #[serde(rename = "instance-action", default)]
     instance_action: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct StateChangeDetail {
+    #[serde(rename = "instance-id")]
+    instance_id: String,
+    state: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct LifecycleDetail {
+    lifecycle_action_token: String,
+    auto_scaling_group_name: String,
+    lifecycle_hook_name: String,
+    #[serde(rename = "EC2InstanceId")]
+    ec2_instance_id: String,
+    lifecycle_transition: String,
+    #[serde(default)]
+    destination: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct HealthDetail {
+    service: String,
+    event_type_category: String,
+    #[serde(default)]
+    event_type_code: Option<String>,
+    #[serde(default)]
+    start_time: Option<String>,
+    #[serde(default)]
+    affected_entities: Option<Vec<HealthEntity>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct HealthEntity {
+    entity_value: String,
 }
 
 pub fn parse(event: &Value) -> Result<Parsed, EventError> {
@@ -51,26 +108,105 @@ pub fn parse(event: &Value) -> Result<Parsed, EventError> {
             path: e.path().to_string(),
             message: e.inner().to_string(),
         })?;
-    let kind = (envelope.source.as_str(), envelope.detail_type.as_str());
-    if kind == SPOT_INTERRUPTION {
-        let ctx = Context::new(&envelope)?;
-        let detail: SpotDetail = ctx.detail(&envelope.detail)?;
-        let instance_id = ctx.instance_id(detail.instance_id, "detail.instance-id")?;
-        return Ok(Parsed::Interruptions(vec![Interruption {
-            id: ctx.id.clone(),
-            kind: InterruptionKind::SpotInterruption,
-            instance_id,
-            event_time: ctx.time,
-            deadline: Some(ctx.time + SPOT_NOTICE),
-            detail: detail
-                .instance_action
-                .unwrap_or_else(|| "terminate".to_owned()),
-        }]));
+    let source = envelope.source.as_str();
+    let detail_type = envelope.detail_type.as_str();
+    let known = matches!(
+        (source, detail_type),
+        (
+            EC2,
+            SPOT_WARNING | REBALANCE | STATE_CHANGE | CAPACITY_RESERVATION
+        ) | (AUTOSCALING, TERMINATE_LIFECYCLE | LAUNCH_LIFECYCLE)
+            | (HEALTH, HEALTH_EVENT)
+    );
+    if !known {
+        return Ok(Parsed::Skipped(format!(
+            "no handler for source {source:?} detail-type {detail_type:?}"
+        )));
     }
-    Ok(Parsed::Skipped(format!(
-        "no handler for source {:?} detail-type {:?}",
-        envelope.source, envelope.detail_type
-    )))
+    let ctx = Context::new(&envelope)?;
+    let detail = &envelope.detail;
+    match detail_type {
+        SPOT_WARNING | CAPACITY_RESERVATION => {
+            let d: InstanceDetail = ctx.detail(detail)?;
+            let kind = if detail_type == SPOT_WARNING {
+                InterruptionKind::SpotInterruption
+            } else {
+                InterruptionKind::CapacityReservationInterruption
+            };
+            let action = d.instance_action.unwrap_or_else(|| "terminate".to_owned());
+            ctx.one(
+                kind,
+                d.instance_id,
+                "detail.instance-id",
+                Some(SPOT_NOTICE),
+                action,
+            )
+        }
+        REBALANCE => {
+            let d: InstanceDetail = ctx.detail(detail)?;
+            ctx.one(
+                InterruptionKind::RebalanceRecommendation,
+                d.instance_id,
+                "detail.instance-id",
+                None,
+                "rebalance recommended".to_owned(),
+            )
+        }
+        STATE_CHANGE => {
+            let d: StateChangeDetail = ctx.detail(detail)?;
+            let (kind, notice) = match d.state.as_str() {
+                "stopping" | "stopped" | "shutting-down" | "terminated" => {
+                    (InterruptionKind::InstanceStopping, Some(STOPPING_NOTICE))
+                }
+                "running" => (InterruptionKind::InstanceRunning, None),
+                other => {
+                    return Ok(Parsed::Skipped(format!(
+                        "instance {} is {other}: nothing to do",
+                        d.instance_id
+                    )))
+                }
+            };
+            ctx.one(kind, d.instance_id, "detail.instance-id", notice, d.state)
+        }
+        TERMINATE_LIFECYCLE | LAUNCH_LIFECYCLE => {
+            let is_test = ["LifecycleTransition", "Event"]
+                .iter()
+                .any(|k| detail.get(k).and_then(Value::as_str) == Some(TEST_NOTIFICATION));
+            if is_test {
+                return Ok(Parsed::Skipped(format!(
+                    "{TEST_NOTIFICATION}: nothing to do"
+                )));
+            }
+            let d: LifecycleDetail = ctx.detail(detail)?;
+            let kind = if detail_type == TERMINATE_LIFECYCLE {
+                InterruptionKind::AsgTermination
+            } else {
+                InterruptionKind::AsgLaunch
+            };
+            let mut parsed = ctx.one(
+                kind,
+                d.ec2_instance_id,
+                "detail.EC2InstanceId",
+                None,
+                d.destination.map_or_else(
+                    || d.lifecycle_transition.clone(),
+                    |to| format!("{} to {to}", d.lifecycle_transition),
+                ),
+            )?;
+            if let Parsed::Interruptions(list) = &mut parsed {
+                for i in list {
+                    i.lifecycle = Some(LifecycleAction {
+                        group: d.auto_scaling_group_name.clone(),
+                        hook: d.lifecycle_hook_name.clone(),
+                        token: d.lifecycle_action_token.clone(),
+                        transition: d.lifecycle_transition.clone(),
+                    });
+                }
+            }
+            Ok(parsed)
+        }
+        _ => ctx.health(&envelope),
+    }
 }
 
 /// The parts of the envelope every known event needs, with errors that name the event.
@@ -102,11 +238,11 @@ impl Context {
         })
     }
 
-    fn malformed(&self, path: String, message: String) -> EventError {
+    fn malformed(&self, path: &str, message: String) -> EventError {
         EventError::Malformed {
             detail_type: self.detail_type.clone(),
             event_id: self.id.clone(),
-            path,
+            path: path.to_owned(),
             message,
         }
     }
@@ -119,107 +255,99 @@ impl Context {
             } else {
                 format!("detail.{path}")
             };
-            self.malformed(path, e.inner().to_string())
+            self.malformed(&path, e.inner().to_string())
         })
     }
 
     fn instance_id(&self, id: String, field: &str) -> Result<String, EventError> {
-        if id.starts_with("i-")
-            && id.len() > 2
-            && id[2..].chars().all(|c| c.is_ascii_alphanumeric())
-        {
+        if is_instance_id(&id) {
             Ok(id)
         } else {
             Err(self.malformed(
-                field.to_owned(),
+                field,
                 format!("expected an EC2 instance id (i-...), got {id:?}"),
             ))
         }
     }
+
+    fn one(
+        &self,
+        kind: InterruptionKind,
+        instance_id: String,
+        field: &str,
+        notice: Option<TimeDelta>,
+        detail: String,
+    ) -> Result<Parsed, EventError> {
+        Ok(Parsed::Interruptions(vec![Interruption {
+            id: self.id.clone(),
+            kind,
+            instance_id: self.instance_id(instance_id, field)?,
+            event_time: self.time,
+            deadline: notice.map(|n| self.time + n),
+            detail,
+            lifecycle: None,
+        }]))
+    }
+
+    /// AWS Health: only EC2's scheduled changes; one interruption per affected instance,
+    /// each with its own id so that one instance's record never shadows another's.
+    fn health(&self, envelope: &EventBridgeEvent<Value>) -> Result<Parsed, EventError> {
+        let d: HealthDetail = self.detail(&envelope.detail)?;
+        if d.service != "EC2" || d.event_type_category != "scheduledChange" {
+            return Ok(Parsed::Skipped(format!(
+                "AWS Health {} {} event: only EC2 scheduledChange is handled",
+                d.service, d.event_type_category
+            )));
+        }
+        let start = d
+            .start_time
+            .as_deref()
+            .map(|t| {
+                DateTime::parse_from_rfc2822(t)
+                    .or_else(|_| DateTime::parse_from_rfc3339(t))
+                    .map(|t| t.with_timezone(&Utc))
+                    .map_err(|e| {
+                        self.malformed(
+                            "detail.startTime",
+                            format!("{t:?} is not an RFC 2822 time: {e}"),
+                        )
+                    })
+            })
+            .transpose()?;
+        let mut instances: Vec<String> = match &d.affected_entities {
+            Some(entities) => entities.iter().map(|e| e.entity_value.clone()).collect(),
+            None => envelope.resources.clone().unwrap_or_default(),
+        };
+        instances.retain(|i| is_instance_id(i));
+        instances.dedup();
+        if instances.is_empty() {
+            return Ok(Parsed::Skipped(
+                "AWS Health event names no EC2 instance".to_owned(),
+            ));
+        }
+        let code = d.event_type_code.unwrap_or_default();
+        Ok(Parsed::Interruptions(
+            instances
+                .into_iter()
+                .map(|instance_id| Interruption {
+                    id: format!("{}-{instance_id}", self.id),
+                    kind: InterruptionKind::ScheduledMaintenance,
+                    instance_id,
+                    event_time: self.time,
+                    deadline: start,
+                    detail: code.clone(),
+                    lifecycle: None,
+                })
+                .collect(),
+        ))
+    }
+}
+
+fn is_instance_id(id: &str) -> bool {
+    id.strip_prefix("i-").is_some_and(|rest| {
+        !rest.is_empty() && rest.len() <= 32 && rest.chars().all(|c| c.is_ascii_alphanumeric())
+    })
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    fn spot(detail: Value) -> Value {
-        json!({
-            "version": "0",
-            "id": "1e5527d7-bb36-4607-3370-4164db56a40e",
-            "detail-type": "EC2 Spot Instance Interruption Warning",
-            "source": "aws.ec2",
-            "account": "123456789012",
-            "time": "2026-11-02T14:05:03Z",
-            "region": "us-east-1",
-            "resources": ["arn:aws:ec2:us-east-1:123456789012:instance/i-0b662ef9931388ba0"],
-            "detail": detail,
-        })
-    }
-
-    #[test]
-    fn spot_warning_becomes_an_interruption_with_a_two_minute_deadline() {
-        let parsed = parse(&spot(
-            json!({"instance-id": "i-0b662ef9931388ba0", "instance-action": "stop"}),
-        ))
-        .expect("valid event");
-        let Parsed::Interruptions(list) = parsed else {
-            panic!("expected interruptions, got {parsed:?}")
-        };
-        assert_eq!(list.len(), 1);
-        let i = &list[0];
-        assert_eq!(i.instance_id, "i-0b662ef9931388ba0");
-        assert_eq!(i.kind, InterruptionKind::SpotInterruption);
-        assert_eq!(i.detail, "stop");
-        assert_eq!(
-            i.deadline.map(|d| d.to_rfc3339()),
-            Some("2026-11-02T14:07:03+00:00".to_owned())
-        );
-    }
-
-    #[test]
-    fn extra_fields_and_fractional_times_are_accepted() {
-        let mut event = spot(
-            json!({"instance-id": "i-0b662ef9931388ba0", "instance-action": "terminate", "new-field": 1}),
-        );
-        event["time"] = json!("2026-11-02T14:05:03.123Z");
-        event["replay-name"] = json!("x");
-        assert!(matches!(parse(&event), Ok(Parsed::Interruptions(_))));
-    }
-
-    #[test]
-    fn missing_instance_id_names_the_field() {
-        let err = parse(&spot(json!({"instance-action": "terminate"}))).expect_err("must fail");
-        let message = err.to_string();
-        assert!(message.contains("instance-id"), "{message}");
-        assert!(message.contains("1e5527d7"), "{message}");
-    }
-
-    #[test]
-    fn wrong_type_and_bad_instance_id_name_the_field() {
-        let err = parse(&spot(json!({"instance-id": 42}))).expect_err("must fail");
-        assert!(err.to_string().contains("detail.instance-id"), "{err}");
-        let err = parse(&spot(json!({"instance-id": "sir-123"}))).expect_err("must fail");
-        assert!(err.to_string().contains("detail.instance-id"), "{err}");
-    }
-
-    #[test]
-    fn missing_time_is_an_error_not_a_guess() {
-        let mut event = spot(json!({"instance-id": "i-0b662ef9931388ba0"}));
-        event.as_object_mut().map(|o| o.remove("time"));
-        let err = parse(&event).expect_err("must fail");
-        assert!(err.to_string().contains("time"), "{err}");
-    }
-
-    #[test]
-    fn unknown_detail_types_are_skipped() {
-        let event = json!({"id": "x", "source": "aws.ec2", "detail-type": "EC2 AMI State Change", "detail": {}});
-        assert!(matches!(parse(&event), Ok(Parsed::Skipped(_))));
-    }
-
-    #[test]
-    fn non_eventbridge_input_names_the_missing_envelope_field() {
-        let err = parse(&json!({"hello": "world"})).expect_err("must fail");
-        assert!(err.to_string().contains("detail-type"), "{err}");
-    }
-}
+mod tests;

@@ -1,15 +1,20 @@
 //! One invocation: event -> interruptions -> for each, resolve, mark, drain.
 
 use chrono::{DateTime, TimeDelta, Utc};
+use std::time::Duration;
+
 use nth_core::drain::DrainDeadline;
-use nth_core::node::MarkOutcome;
-use nth_core::{DrainReport, Drainer, Interruption, NodeMarker, Policy};
+use nth_core::node::{node_is_ready, provider_id_matches};
+use nth_core::{
+    Action, DrainReport, Drainer, Interruption, MarkOutcome, NodeMarker, Policy, RestoreOutcome,
+};
 use serde::Serialize;
 use serde_json::{json, Value};
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::eventbridge::{self, EventError, Parsed};
-use crate::resolve::Ec2Resolver;
+use crate::lifecycle::{Lifecycle, CONTINUE};
+use crate::resolve::Resolver;
 
 /// Pods are made to stop this long before the instance is expected to go: time for the
 /// container runtime to kill stragglers and for the kubelet to report them gone before EC2
@@ -19,6 +24,10 @@ const POD_STOP_MARGIN: TimeDelta = TimeDelta::seconds(15);
 /// Kept free at the end of an invocation to log the report and answer the Runtime API;
 /// a handler killed by its timeout reports nothing.
 const INVOCATION_MARGIN: TimeDelta = TimeDelta::seconds(3);
+
+/// Between two looks for a launching instance's node: a node takes a minute or more to
+/// join, so a few seconds of lag cost nothing, and one GET per poll is all it costs.
+const LAUNCH_POLL_INTERVAL: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandleError {
@@ -51,9 +60,12 @@ pub struct InterruptionResult {
     pub instance_id: String,
     pub action: String,
     pub node: Option<String>,
-    /// `drained`, `marked`, `already-marked`, `dry-run`, or why nothing was done.
+    /// What was done (`drained`, `marked`, `uncordoned`, `node-ready`, `dry-run`, ...) or why
+    /// nothing was.
     pub outcome: String,
     pub drain: Option<DrainReport>,
+    /// The Auto Scaling lifecycle action's fate, for lifecycle events.
+    pub lifecycle: Option<String>,
 }
 
 /// The invocation's answer.
@@ -70,6 +82,10 @@ pub fn explain(event: &Value, policy: &Policy) -> Result<Value, EventError> {
         Parsed::Interruptions(list) => json!({
             "interruptions": list.iter().map(|i| {
                 let action = policy.plan(i);
+                let taint = match &action {
+                    Action::Disrupt { taint, .. } => taint.clone(),
+                    _ => None,
+                };
                 json!({
                     "id": i.id,
                     "kind": i.kind,
@@ -78,7 +94,8 @@ pub fn explain(event: &Value, policy: &Policy) -> Result<Value, EventError> {
                     "deadline": i.deadline,
                     "detail": i.detail,
                     "action": action.name(),
-                    "taint": action.taint,
+                    "taint": taint,
+                    "lifecycle": i.lifecycle,
                 })
             }).collect::<Vec<_>>(),
             "skipped": Value::Null,
@@ -91,10 +108,15 @@ pub fn explain(event: &Value, policy: &Policy) -> Result<Value, EventError> {
 pub struct Handler {
     pub cluster_name: String,
     pub policy: Policy,
-    pub resolver: Ec2Resolver,
+    pub managed_tag: Option<String>,
+    pub resolver: Resolver,
     pub marker: NodeMarker,
     pub drainer: Drainer,
+    pub lifecycle: Lifecycle,
 }
+
+/// A step that failed, for the invocation's error.
+type StepError = String;
 
 impl Handler {
     pub async fn handle(
@@ -159,7 +181,7 @@ impl Handler {
         &self,
         interruption: &Interruption,
         invocation_end: DateTime<Utc>,
-    ) -> Result<InterruptionResult, String> {
+    ) -> Result<InterruptionResult, StepError> {
         let action = self.policy.plan(interruption);
         let mut result = InterruptionResult {
             interruption_id: interruption.id.clone(),
@@ -169,14 +191,50 @@ impl Handler {
             node: None,
             outcome: String::new(),
             drain: None,
+            lifecycle: None,
         };
-        let finish = |mut result: InterruptionResult, outcome: &str| {
-            info!(outcome, action = %result.action, "interruption handled");
-            result.outcome = outcome.to_owned();
-            Ok(result)
+        let step = self
+            .act(interruption, &action, invocation_end, &mut result)
+            .await?;
+        // Whatever happened to the node, including a failed drain, a lifecycle action of ours
+        // is answered: scale-in and scale-out must never hang on nth. Instances that are not
+        // ours are left to their own handler; a launch whose node never became Ready is left
+        // to the hook's default result.
+        if let Some(lifecycle) = &interruption.lifecycle {
+            result.lifecycle = Some(match &step {
+                Step::NotOurs(_) => "not completed: not this deployment's instance".to_owned(),
+                Step::NeverJoined(why) => {
+                    format!("not completed: {why}; the hook's default result applies")
+                }
+                Step::Done(_) | Step::DrainFailed(_) => {
+                    let completion = self
+                        .lifecycle
+                        .complete(&interruption.instance_id, lifecycle, CONTINUE)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    json!(completion).as_str().unwrap_or_default().to_owned()
+                }
+            });
+        }
+        let what = match step {
+            Step::Done(what) | Step::NotOurs(what) | Step::NeverJoined(what) => what,
+            Step::DrainFailed(error) => return Err(error),
         };
-        if action.is_noop() {
-            return finish(result, "ignored by policy");
+        info!(outcome = %what, action = %result.action, lifecycle = result.lifecycle.as_deref().unwrap_or("none"), "interruption handled");
+        result.outcome = what;
+        Ok(result)
+    }
+
+    /// Resolves the instance and acts on its node.
+    async fn act(
+        &self,
+        interruption: &Interruption,
+        action: &Action,
+        invocation_end: DateTime<Utc>,
+        result: &mut InterruptionResult,
+    ) -> Result<Step, StepError> {
+        if *action == Action::Ignore {
+            return Ok(Step::Done("ignored by policy".into()));
         }
         let Some(instance) = self
             .resolver
@@ -184,58 +242,187 @@ impl Handler {
             .await
             .map_err(|e| e.to_string())?
         else {
-            return finish(result, "instance unknown to EC2");
+            return Ok(Step::Done("instance unknown to EC2".into()));
         };
         if let Some(other) = instance
             .cluster_from_tags()
             .filter(|c| *c != self.cluster_name)
         {
-            return finish(result, &format!("instance belongs to cluster {other}"));
+            return Ok(Step::NotOurs(format!(
+                "instance belongs to cluster {other}"
+            )));
+        }
+        if let Some(tag) = &self.managed_tag {
+            if !self
+                .resolver
+                .is_managed(&instance, tag)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                return Ok(Step::NotOurs(format!(
+                    "instance and its group lack the managed tag {tag}"
+                )));
+            }
+        }
+        let likely_name = instance.private_dns_name.as_deref();
+        if *action == Action::WaitReady {
+            return self
+                .wait_ready(interruption, likely_name, invocation_end, result)
+                .await;
         }
         let Some(node) = self
             .marker
-            .find(
-                &interruption.instance_id,
-                instance.private_dns_name.as_deref(),
-            )
+            .find(&interruption.instance_id, likely_name)
             .await
             .map_err(|e| e.to_string())?
         else {
-            return finish(result, "no node for this instance in the cluster");
+            return Ok(Step::Done(
+                "no node for this instance in the cluster".into(),
+            ));
         };
         let node_name = node.metadata.name.clone().unwrap_or_default();
         tracing::Span::current().record("node", node_name.as_str());
         result.node = Some(node_name.clone());
 
+        let Action::Disrupt {
+            taint,
+            cordon,
+            drain,
+        } = action
+        else {
+            let restored = self
+                .marker
+                .restore(&node)
+                .await
+                .map_err(|e| e.to_string())?;
+            return Ok(Step::Done(
+                match restored {
+                    RestoreOutcome::Restored => "uncordoned",
+                    RestoreOutcome::NotOurs => "not cordoned by nth for a stop; left alone",
+                    RestoreOutcome::DryRun => "dry-run",
+                }
+                .into(),
+            ));
+        };
         let marked = self
             .marker
-            .mark(&node, interruption, &action)
+            .mark(&node, interruption, taint.as_deref(), *cordon)
             .await
             .map_err(|e| e.to_string())?;
-        if !action.drain {
-            let outcome = match marked {
-                MarkOutcome::Marked => "marked",
-                MarkOutcome::AlreadyMarked => "already-marked",
-                MarkOutcome::DryRun => "dry-run",
-            };
-            return finish(result, outcome);
+        if !drain {
+            return Ok(Step::Done(
+                match marked {
+                    MarkOutcome::Marked => "marked",
+                    MarkOutcome::AlreadyMarked => "already-marked",
+                    MarkOutcome::DryRun => "dry-run",
+                }
+                .into(),
+            ));
+        }
+        if self.marker.drained_for(&node, interruption) {
+            info!(node = %node_name, "this interruption's drain already completed; not draining again");
+            return Ok(Step::Done("already-drained".into()));
         }
         let deadline = drain_deadline(interruption.deadline, invocation_end);
-        let report = self
-            .drainer
-            .drain(&node_name, deadline)
-            .await
-            .map_err(|e| e.to_string())?;
+        let drained = match &interruption.lifecycle {
+            Some(lifecycle) => {
+                self.lifecycle
+                    .with_heartbeats(
+                        &interruption.instance_id,
+                        lifecycle,
+                        self.drainer.drain(&node_name, deadline),
+                    )
+                    .await
+            }
+            None => self.drainer.drain(&node_name, deadline).await,
+        };
+        let report = match drained {
+            Ok(report) => report,
+            Err(error) => {
+                warn!(%error, "drain failed");
+                return Ok(Step::DrainFailed(error.to_string()));
+            }
+        };
         let outcome = if self.policy.dry_run {
             "dry-run"
         } else if report.complete {
+            self.marker
+                .record_drained(&node_name, interruption)
+                .await
+                .map_err(|e| e.to_string())?;
             "drained"
         } else {
+            if interruption.lifecycle.is_some() {
+                warn!(
+                    left = report.left.len(),
+                    "drain incomplete at its deadline; completing the lifecycle action anyway"
+                );
+            }
             "drain-incomplete"
         };
         result.drain = Some(report);
-        finish(result, outcome)
+        Ok(Step::Done(outcome.into()))
     }
+
+    /// For a launching instance: waits until its node has joined and is Ready, bounded by the
+    /// invocation's end, looking it up by name once per poll interval.
+    async fn wait_ready(
+        &self,
+        interruption: &Interruption,
+        likely_name: Option<&str>,
+        invocation_end: DateTime<Utc>,
+        result: &mut InterruptionResult,
+    ) -> Result<Step, StepError> {
+        let give_up = invocation_end - INVOCATION_MARGIN;
+        loop {
+            let node = match likely_name {
+                Some(name) => self.marker.get(name).await,
+                None => self.marker.find(&interruption.instance_id, None).await,
+            }
+            .map_err(|e| e.to_string())?;
+            let joined = node.filter(|n| {
+                n.spec
+                    .as_ref()
+                    .and_then(|s| s.provider_id.as_deref())
+                    .is_none_or(|p| provider_id_matches(p, &interruption.instance_id))
+            });
+            if let Some(node) = &joined {
+                let name = node.metadata.name.clone().unwrap_or_default();
+                tracing::Span::current().record("node", name.as_str());
+                result.node = Some(name);
+                if node_is_ready(node) {
+                    return Ok(Step::Done("node-ready".into()));
+                }
+            }
+            let next = Utc::now() + TimeDelta::from_std(LAUNCH_POLL_INTERVAL).unwrap_or_default();
+            if next >= give_up {
+                let why = if joined.is_some() {
+                    "node joined but never turned Ready before the invocation's end"
+                } else {
+                    "node never joined before the invocation's end"
+                };
+                warn!(
+                    reason = why,
+                    "launch lifecycle action left to its default result"
+                );
+                return Ok(Step::NeverJoined(why.to_owned()));
+            }
+            tokio::time::sleep(LAUNCH_POLL_INTERVAL).await;
+        }
+    }
+}
+
+/// How acting on one interruption ended.
+enum Step {
+    /// Handled (or nothing to do); the outcome in words.
+    Done(String),
+    /// Not this deployment's instance: no write anywhere, no lifecycle completion.
+    NotOurs(String),
+    /// A launching instance's node did not become Ready in time.
+    NeverJoined(String),
+    /// The drain could not run; the invocation fails (after any lifecycle completion) so
+    /// that Lambda retries it.
+    DrainFailed(String),
 }
 
 fn drain_deadline(

@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod config;
 pub mod eventbridge;
 pub mod handler;
+pub mod lifecycle;
 pub mod resolve;
 pub mod token;
 
@@ -15,7 +16,8 @@ use nth_core::{Drainer, NodeMarker};
 
 use crate::config::{ClusterAccess, Config};
 use crate::handler::Handler;
-use crate::resolve::Ec2Resolver;
+use crate::lifecycle::Lifecycle;
+use crate::resolve::Resolver;
 use crate::token::TokenSource;
 
 #[derive(Debug, thiserror::Error)]
@@ -47,11 +49,14 @@ pub async fn build_handler(config: Config) -> Result<Handler, SetupError> {
         }
         ClusterAccess::Kubeconfig(path) => cluster::kubeconfig_client(path).await?,
     };
+    let asg = aws_sdk_autoscaling::Client::new(&aws);
     Ok(Handler {
         cluster_name: config.cluster_name,
-        resolver: Ec2Resolver::new(aws_sdk_ec2::Client::new(&aws)),
+        managed_tag: config.managed_tag,
+        resolver: Resolver::new(aws_sdk_ec2::Client::new(&aws), asg.clone()),
         marker: NodeMarker::new(client.clone(), config.policy.clone()),
         drainer: Drainer::new(client, config.drain),
+        lifecycle: Lifecycle::new(asg, config.policy.dry_run, config.heartbeat_interval),
         policy: config.policy,
     })
 }

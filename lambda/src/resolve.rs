@@ -9,12 +9,22 @@ use tracing::{debug, instrument};
 const CLUSTER_NAME_TAG: &str = "eks:cluster-name";
 /// The tag the Kubernetes cloud provider and Karpenter use: `kubernetes.io/cluster/<name>`.
 const CLUSTER_TAG_PREFIX: &str = "kubernetes.io/cluster/";
+/// The tag Auto Scaling puts on every instance of a group.
+const ASG_NAME_TAG: &str = "aws:autoscaling:groupName";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
     #[error("ec2:DescribeInstances for {instance_id} failed: {message}")]
     Describe {
         instance_id: String,
+        message: String,
+    },
+    #[error(
+        "autoscaling:DescribeTags of group {group} (instance {instance_id}) failed: {message}"
+    )]
+    GroupTags {
+        instance_id: String,
+        group: String,
         message: String,
     },
 }
@@ -43,13 +53,48 @@ impl InstanceInfo {
 }
 
 #[derive(Debug, Clone)]
-pub struct Ec2Resolver {
+pub struct Resolver {
     ec2: aws_sdk_ec2::Client,
+    asg: aws_sdk_autoscaling::Client,
 }
 
-impl Ec2Resolver {
-    pub fn new(ec2: aws_sdk_ec2::Client) -> Self {
-        Self { ec2 }
+impl Resolver {
+    pub fn new(ec2: aws_sdk_ec2::Client, asg: aws_sdk_autoscaling::Client) -> Self {
+        Self { ec2, asg }
+    }
+
+    /// Does the instance, or its Auto Scaling group, carry the managed tag? The group is asked
+    /// only when the instance lacks the tag (groups that do not propagate tags to instances).
+    pub async fn is_managed(
+        &self,
+        instance: &InstanceInfo,
+        tag: &str,
+    ) -> Result<bool, ResolveError> {
+        if instance.tags.contains_key(tag) {
+            return Ok(true);
+        }
+        let Some(group) = instance.tags.get(ASG_NAME_TAG) else {
+            return Ok(false);
+        };
+        let filter = |name: &str, value: &str| {
+            aws_sdk_autoscaling::types::Filter::builder()
+                .name(name)
+                .values(value)
+                .build()
+        };
+        let tags = self
+            .asg
+            .describe_tags()
+            .filters(filter("auto-scaling-group", group))
+            .filters(filter("key", tag))
+            .send()
+            .await
+            .map_err(|error| ResolveError::GroupTags {
+                instance_id: instance.instance_id.clone(),
+                group: group.clone(),
+                message: aws_sdk_autoscaling::error::DisplayErrorContext(error).to_string(),
+            })?;
+        Ok(tags.tags().iter().any(|t| t.key() == Some(tag)))
     }
 
     /// `None` when EC2 does not know the instance (it terminated more than an hour ago, or

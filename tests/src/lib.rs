@@ -3,9 +3,11 @@
 //!
 //! - [`kube`]: a Kubernetes API server emulator (HTTPS, EKS token checking, PDB arithmetic).
 //! - [`runtime_api`]: the Lambda Runtime API, driving the real `nth-lambda` binary.
-//! - [`moto`]: moto's server mode for EC2.
+//! - [`moto`]: moto's server mode for EC2 and Auto Scaling, behind [`autoscaling`]'s front
+//!   that serves the lifecycle calls moto lacks.
 //! - [`sandbox`]: all of it wired together, for tests and the README's sandbox command.
 
+pub mod autoscaling;
 pub mod fixtures;
 pub mod kube;
 pub mod moto;

@@ -9,6 +9,7 @@ use base64::Engine;
 use chrono::{SecondsFormat, Utc};
 use serde_json::{json, Value};
 
+use crate::autoscaling::AwsFront;
 use crate::fixtures;
 use crate::kube::{AuthConfig, Behaviour, KubeApi};
 use crate::moto::{Instance, Moto};
@@ -23,10 +24,24 @@ pub const APP_NAMESPACE: &str = "shop";
 pub const PDB_NAME: &str = "checkout";
 /// The function timeout the sandbox invokes with, as a SAM deployment would set it.
 pub const FUNCTION_TIMEOUT: Duration = Duration::from_secs(300);
+/// The tag that makes an instance one nth may act on (the default MANAGED_TAG).
+pub const MANAGED_TAG: &str = "node-termination-handler/managed";
+
+/// How the emulated cluster behaves in the sandbox: pods stop quickly, replacements of
+/// evicted pods go to the spare node and turn Ready after 1.5 s.
+pub fn sandbox_behaviour() -> Behaviour {
+    Behaviour {
+        spare_node: Some(SPARE_NODE.to_owned()),
+        replacement_ready_delay: Duration::from_millis(1500),
+        ..Behaviour::default()
+    }
+}
 
 #[derive(Debug)]
 pub struct Sandbox {
     pub moto: Moto,
+    /// The AWS endpoint the function uses: moto, plus the lifecycle calls moto lacks.
+    pub aws: AwsFront,
     pub kube: KubeApi,
     pub runtime: RuntimeApi,
     pub lambda: LambdaProcess,
@@ -39,11 +54,21 @@ impl Sandbox {
     /// disruption at a time; plus a spare node for replacements. `env` adds to or overrides
     /// the function's environment.
     pub async fn start(env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::start_with(env, sandbox_behaviour()).await
+    }
+
+    /// As [`Sandbox::start`], with the emulated cluster behaving as `behaviour` says.
+    pub async fn start_with(env: &[(&str, &str)], behaviour: Behaviour) -> anyhow::Result<Self> {
         let moto = Moto::start().await?;
+        let aws = AwsFront::start(&moto.endpoint).await?;
         let instance = moto
             .run_instance(
                 "us-east-1a",
-                &[("eks:cluster-name", CLUSTER), ("Name", "sandbox-spot")],
+                &[
+                    ("eks:cluster-name", CLUSTER),
+                    (MANAGED_TAG, "true"),
+                    ("Name", "sandbox-spot"),
+                ],
             )
             .await?;
         let kube = KubeApi::start(
@@ -51,11 +76,7 @@ impl Sandbox {
                 cluster_name: CLUSTER.to_owned(),
                 secret_access_key: Some(TEST_SECRET_KEY.to_owned()),
             },
-            Behaviour {
-                spare_node: Some(SPARE_NODE.to_owned()),
-                replacement_ready_delay: Duration::from_millis(1500),
-                ..Behaviour::default()
-            },
+            behaviour,
         )
         .await?;
         let node = instance.private_dns_name.clone();
@@ -98,7 +119,7 @@ impl Sandbox {
             ));
         });
         let runtime = RuntimeApi::start().await?;
-        let mut vars = handler_env(&moto, &kube);
+        let mut vars = handler_env(&aws, &kube);
         vars.extend(lambda_env(&runtime));
         for (k, v) in env {
             vars.insert((*k).to_owned(), (*v).to_owned());
@@ -106,6 +127,7 @@ impl Sandbox {
         let lambda = LambdaProcess::spawn(&vars)?;
         Ok(Self {
             moto,
+            aws,
             kube,
             runtime,
             lambda,
@@ -119,17 +141,48 @@ impl Sandbox {
 
     /// A Spot interruption warning for the sandbox's instance, sent now.
     pub fn spot_event(&self, id: &str) -> Value {
-        json!({
-            "version": "0",
-            "id": id,
-            "detail-type": "EC2 Spot Instance Interruption Warning",
-            "source": "aws.ec2",
-            "account": "123456789012",
-            "time": Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true),
-            "region": TEST_REGION,
-            "resources": [format!("arn:aws:ec2:{TEST_REGION}:123456789012:instance/{}", self.instance.id)],
-            "detail": { "instance-id": self.instance.id, "instance-action": "terminate" },
-        })
+        event(
+            id,
+            "aws.ec2",
+            "EC2 Spot Instance Interruption Warning",
+            &self.instance.id,
+            json!({ "instance-id": self.instance.id, "instance-action": "terminate" }),
+        )
+    }
+
+    /// Another instance in moto (tagged for the sandbox's cluster and managed unless `tags`
+    /// says otherwise) with a Ready node and `pods` ReplicaSet pods in the cluster.
+    pub async fn add_instance_node(
+        &self,
+        tags: &[(&str, &str)],
+        pods: usize,
+    ) -> anyhow::Result<Instance> {
+        let mut all: Vec<(&str, &str)> = vec![("eks:cluster-name", CLUSTER), (MANAGED_TAG, "true")];
+        for (k, v) in tags {
+            all.retain(|(key, _)| key != k);
+            all.push((k, v));
+        }
+        all.retain(|(_, v)| !v.is_empty());
+        let instance = self.moto.run_instance("us-east-1b", &all).await?;
+        let node = instance.private_dns_name.clone();
+        self.kube.world(|w| {
+            w.add_node(fixtures::node(
+                &node,
+                &instance.id,
+                &instance.availability_zone,
+            ));
+            w.add_pod(fixtures::daemonset_pod("kube-system", "aws-node", &node));
+            for i in 0..pods {
+                w.add_pod(fixtures::replicaset_pod(
+                    APP_NAMESPACE,
+                    &format!("api-{}", &instance.id[2..8]),
+                    i,
+                    &node,
+                    "api",
+                ));
+            }
+        });
+        Ok(instance)
     }
 
     pub async fn invoke(&self, event: Value) -> anyhow::Result<Outcome> {
@@ -138,8 +191,23 @@ impl Sandbox {
 
     /// The environment for running `nth-lambda explain` or `replay` against this world.
     pub fn cli_env(&self) -> BTreeMap<String, String> {
-        handler_env(&self.moto, &self.kube)
+        handler_env(&self.aws, &self.kube)
     }
+}
+
+/// An EventBridge event about `instance_id`, sent now.
+pub fn event(id: &str, source: &str, detail_type: &str, instance_id: &str, detail: Value) -> Value {
+    json!({
+        "version": "0",
+        "id": id,
+        "detail-type": detail_type,
+        "source": source,
+        "account": "123456789012",
+        "time": Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true),
+        "region": TEST_REGION,
+        "resources": [format!("arn:aws:ec2:{TEST_REGION}:123456789012:instance/{instance_id}")],
+        "detail": detail,
+    })
 }
 
 /// What the Lambda service sets for a function: the Runtime API and the function's identity.
@@ -157,15 +225,15 @@ fn lambda_env(runtime: &RuntimeApi) -> BTreeMap<String, String> {
     .collect()
 }
 
-/// AWS settings pointing at moto, and nth's own settings for this world's cluster.
-fn handler_env(moto: &Moto, kube: &KubeApi) -> BTreeMap<String, String> {
+/// AWS settings pointing at the emulated endpoint, and nth's settings for this world's cluster.
+fn handler_env(aws: &AwsFront, kube: &KubeApi) -> BTreeMap<String, String> {
     let ca_data = base64::engine::general_purpose::STANDARD.encode(&kube.ca_pem);
     [
         ("AWS_REGION", TEST_REGION),
         ("AWS_ACCESS_KEY_ID", TEST_ACCESS_KEY),
         ("AWS_SECRET_ACCESS_KEY", TEST_SECRET_KEY),
         ("AWS_SESSION_TOKEN", TEST_SESSION_TOKEN),
-        ("AWS_ENDPOINT_URL", moto.endpoint.as_str()),
+        ("AWS_ENDPOINT_URL", aws.endpoint.as_str()),
         ("AWS_EC2_METADATA_DISABLED", "true"),
         ("CLUSTER_NAME", CLUSTER),
         ("CLUSTER_ENDPOINT", kube.url.as_str()),

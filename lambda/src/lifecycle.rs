@@ -1,0 +1,176 @@
+//! Auto Scaling lifecycle actions: heartbeats while draining, then CompleteLifecycleAction.
+
+use std::time::Duration;
+
+use aws_sdk_autoscaling::error::ProvideErrorMetadata;
+use nth_core::LifecycleAction;
+use serde::Serialize;
+use tracing::{info, warn};
+
+/// Auto Scaling's answer when the action was already completed, abandoned or timed out: for a
+/// redelivered event this is the expected outcome, not a failure.
+const NO_ACTIVE_ACTION: &str = "No active Lifecycle Action found";
+
+/// The lifecycle result that lets the instance go on (terminate, or enter service).
+pub const CONTINUE: &str = "CONTINUE";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    #[error("{call} for instance {instance_id} (group {group}, hook {hook}) failed: {message}")]
+    Call {
+        call: &'static str,
+        instance_id: String,
+        group: String,
+        hook: String,
+        message: String,
+    },
+}
+
+/// How a completion went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Completion {
+    Completed,
+    /// Auto Scaling has no such pending action any more: an earlier delivery completed it.
+    AlreadyCompleted,
+    DryRun,
+}
+
+#[derive(Debug, Clone)]
+pub struct Lifecycle {
+    asg: aws_sdk_autoscaling::Client,
+    dry_run: bool,
+    /// Between two heartbeats while draining.
+    pub heartbeat_interval: Duration,
+}
+
+impl Lifecycle {
+    pub fn new(
+        asg: aws_sdk_autoscaling::Client,
+        dry_run: bool,
+        heartbeat_interval: Duration,
+    ) -> Self {
+        Self {
+            asg,
+            dry_run,
+            heartbeat_interval,
+        }
+    }
+
+    pub async fn complete(
+        &self,
+        instance_id: &str,
+        action: &LifecycleAction,
+        result: &str,
+    ) -> Result<Completion, LifecycleError> {
+        if self.dry_run {
+            info!(group = %action.group, hook = %action.hook, result, "dry run: would complete lifecycle action");
+            return Ok(Completion::DryRun);
+        }
+        let outcome = self
+            .asg
+            .complete_lifecycle_action()
+            .auto_scaling_group_name(&action.group)
+            .lifecycle_hook_name(&action.hook)
+            .instance_id(instance_id)
+            .lifecycle_action_token(&action.token)
+            .lifecycle_action_result(result)
+            .send()
+            .await;
+        match outcome {
+            Ok(_) => {
+                info!(group = %action.group, hook = %action.hook, result, "lifecycle action completed");
+                Ok(Completion::Completed)
+            }
+            Err(error)
+                if error
+                    .message()
+                    .is_some_and(|m| m.contains(NO_ACTIVE_ACTION)) =>
+            {
+                info!(group = %action.group, hook = %action.hook, "lifecycle action already completed");
+                Ok(Completion::AlreadyCompleted)
+            }
+            Err(error) => Err(self.error("CompleteLifecycleAction", instance_id, action, &error)),
+        }
+    }
+
+    pub async fn heartbeat(
+        &self,
+        instance_id: &str,
+        action: &LifecycleAction,
+    ) -> Result<(), LifecycleError> {
+        if self.dry_run {
+            info!(group = %action.group, hook = %action.hook, "dry run: would record a lifecycle heartbeat");
+            return Ok(());
+        }
+        self.asg
+            .record_lifecycle_action_heartbeat()
+            .auto_scaling_group_name(&action.group)
+            .lifecycle_hook_name(&action.hook)
+            .instance_id(instance_id)
+            .lifecycle_action_token(&action.token)
+            .send()
+            .await
+            .map_err(|error| {
+                self.error(
+                    "RecordLifecycleActionHeartbeat",
+                    instance_id,
+                    action,
+                    &error,
+                )
+            })?;
+        info!(group = %action.group, hook = %action.hook, "lifecycle heartbeat recorded");
+        Ok(())
+    }
+
+    /// Runs `work` while recording heartbeats every interval, so the hook does not time out
+    /// during a long drain. A failed heartbeat is logged; the work goes on.
+    pub async fn with_heartbeats<F: std::future::Future>(
+        &self,
+        instance_id: &str,
+        action: &LifecycleAction,
+        work: F,
+    ) -> F::Output {
+        let beater = {
+            let this = self.clone();
+            let instance_id = instance_id.to_owned();
+            let action = action.clone();
+            let span = tracing::Span::current();
+            tokio::spawn(tracing::Instrument::instrument(
+                async move {
+                    let mut ticker = tokio::time::interval(this.heartbeat_interval);
+                    ticker.tick().await;
+                    loop {
+                        ticker.tick().await;
+                        if let Err(error) = this.heartbeat(&instance_id, &action).await {
+                            warn!(%error, "lifecycle heartbeat failed");
+                        }
+                    }
+                },
+                span,
+            ))
+        };
+        let output = work.await;
+        beater.abort();
+        output
+    }
+
+    fn error<E: ProvideErrorMetadata + std::error::Error>(
+        &self,
+        call: &'static str,
+        instance_id: &str,
+        action: &LifecycleAction,
+        error: &E,
+    ) -> LifecycleError {
+        LifecycleError::Call {
+            call,
+            instance_id: instance_id.to_owned(),
+            group: action.group.clone(),
+            hook: action.hook.clone(),
+            message: match (error.code(), error.message()) {
+                (Some(code), Some(message)) => format!("{code}: {message}"),
+                _ => aws_sdk_autoscaling::error::DisplayErrorContext(error).to_string(),
+            },
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! The AWS endpoint the function sees: moto for everything, except the two Auto Scaling
+//! lifecycle calls moto does not implement (it answers them with HTTP 500), which are served
+//! here with Auto Scaling's semantics: a call must name a pending action of that group, hook
+//! and instance (and its token, when given); a completed action is gone; heartbeats extend
+//! it. Every call is recorded.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::Context;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+const XMLNS: &str = "http://autoscaling.amazonaws.com/doc/2011-01-01/";
+
+/// One lifecycle action Auto Scaling is waiting on.
+#[derive(Debug, Clone)]
+pub struct PendingAction {
+    pub group: String,
+    pub hook: String,
+    pub instance_id: String,
+    pub token: String,
+    pub heartbeats: Vec<Instant>,
+    /// The result and when it came.
+    pub completed: Option<(String, Instant)>,
+}
+
+/// One lifecycle call received, answered or not.
+#[derive(Debug, Clone)]
+pub struct LifecycleCall {
+    pub action: String,
+    pub instance_id: String,
+    pub token: String,
+    pub result: Option<String>,
+    pub status: u16,
+    pub at: Instant,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    pending: Vec<PendingAction>,
+    calls: Vec<LifecycleCall>,
+    /// Every AWS API action seen, in order (for round-trip counting).
+    actions: Vec<String>,
+}
+
+#[derive(Clone)]
+struct AppState {
+    inner: Arc<Mutex<Inner>>,
+    moto: String,
+    client: Client<hyper_util::client::legacy::connect::HttpConnector, Body>,
+}
+
+fn lock(m: &Mutex<Inner>) -> std::sync::MutexGuard<'_, Inner> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[derive(Debug)]
+pub struct AwsFront {
+    pub endpoint: String,
+    inner: Arc<Mutex<Inner>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for AwsFront {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+impl AwsFront {
+    pub async fn start(moto_endpoint: &str) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .context("binding the AWS front")?;
+        let endpoint = format!("http://{}", listener.local_addr()?);
+        let state = AppState {
+            inner: Arc::new(Mutex::new(Inner::default())),
+            moto: moto_endpoint.to_owned(),
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        };
+        let inner = Arc::clone(&state.inner);
+        let app = Router::new().fallback(handle).with_state(state);
+        let server = tokio::spawn(async move {
+            let _stopped = axum::serve(listener, app).await;
+        });
+        Ok(Self {
+            endpoint,
+            inner,
+            server,
+        })
+    }
+
+    /// Makes Auto Scaling wait on a lifecycle action, as a hook does when it fires.
+    pub fn add_pending(&self, group: &str, hook: &str, instance_id: &str, token: &str) {
+        lock(&self.inner).pending.push(PendingAction {
+            group: group.to_owned(),
+            hook: hook.to_owned(),
+            instance_id: instance_id.to_owned(),
+            token: token.to_owned(),
+            heartbeats: Vec::new(),
+            completed: None,
+        });
+    }
+
+    pub fn pending(&self) -> Vec<PendingAction> {
+        lock(&self.inner).pending.clone()
+    }
+
+    pub fn calls(&self) -> Vec<LifecycleCall> {
+        lock(&self.inner).calls.clone()
+    }
+
+    /// Every AWS API action the function called, in order.
+    pub fn actions(&self) -> Vec<String> {
+        lock(&self.inner).actions.clone()
+    }
+}
+
+fn xml_error(code: &str, message: &str) -> Response {
+    let body = format!(
+        "<ErrorResponse xmlns=\"{XMLNS}\"><Error><Type>Sender</Type><Code>{code}</Code><Message>{message}</Message></Error><RequestId>00000000-0000-4000-8000-000000000000</RequestId></ErrorResponse>"
+    );
+    (
+        StatusCode::BAD_REQUEST,
+        [("content-type", "text/xml")],
+        body,
+    )
+        .into_response()
+}
+
+fn xml_ok(action: &str) -> Response {
+    let body = format!(
+        "<{action}Response xmlns=\"{XMLNS}\"><{action}Result/><ResponseMetadata><RequestId>00000000-0000-4000-8000-000000000001</RequestId></ResponseMetadata></{action}Response>"
+    );
+    (StatusCode::OK, [("content-type", "text/xml")], body).into_response()
+}
+
+async fn handle(
+    State(state): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let form: Vec<(String, String)> = url::form_urlencoded::parse(&body).into_owned().collect();
+    let field = |k: &str| {
+        form.iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+    };
+    let action = field("Action").unwrap_or_default();
+    lock(&state.inner).actions.push(action.clone());
+    if action == "CompleteLifecycleAction" || action == "RecordLifecycleActionHeartbeat" {
+        return lifecycle(&state, &action, &field);
+    }
+    proxy(&state, method, uri, headers, body).await
+}
+
+fn lifecycle(state: &AppState, action: &str, field: &impl Fn(&str) -> Option<String>) -> Response {
+    let group = field("AutoScalingGroupName").unwrap_or_default();
+    let hook = field("LifecycleHookName").unwrap_or_default();
+    let instance_id = field("InstanceId").unwrap_or_default();
+    let token = field("LifecycleActionToken").unwrap_or_default();
+    let result = field("LifecycleActionResult");
+    let mut inner = lock(&state.inner);
+    let now = Instant::now();
+    let response = if instance_id.is_empty() && token.is_empty() {
+        xml_error(
+            "ValidationError",
+            "Either InstanceId or LifecycleActionToken must be specified",
+        )
+    } else if action == "CompleteLifecycleAction"
+        && !matches!(result.as_deref(), Some("CONTINUE" | "ABANDON"))
+    {
+        xml_error(
+            "ValidationError",
+            "LifecycleActionResult must be CONTINUE or ABANDON",
+        )
+    } else {
+        let found = inner.pending.iter_mut().find(|p| {
+            p.completed.is_none()
+                && p.group == group
+                && p.hook == hook
+                && (instance_id.is_empty() || p.instance_id == instance_id)
+                && (token.is_empty() || p.token == token)
+        });
+        match found {
+            None => xml_error(
+                "ValidationError",
+                &format!("No active Lifecycle Action found with instance ID {instance_id}"),
+            ),
+            Some(pending) => {
+                if action == "CompleteLifecycleAction" {
+                    pending.completed = Some((result.clone().unwrap_or_default(), now));
+                } else {
+                    pending.heartbeats.push(now);
+                }
+                xml_ok(action)
+            }
+        }
+    };
+    inner.calls.push(LifecycleCall {
+        action: action.to_owned(),
+        instance_id,
+        token,
+        result,
+        status: response.status().as_u16(),
+        at: now,
+    });
+    response
+}
+
+async fn proxy(
+    state: &AppState,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut request = axum::http::Request::builder()
+        .method(method)
+        .uri(format!("{}{path}", state.moto));
+    for (name, value) in &headers {
+        if name != "host" {
+            request = request.header(name, value);
+        }
+    }
+    let Ok(request) = request.body(Body::from(body)) else {
+        return StatusCode::BAD_GATEWAY.into_response();
+    };
+    match state.client.request(request).await {
+        Ok(response) => response.map(Body::new).into_response(),
+        Err(error) => (
+            StatusCode::BAD_GATEWAY,
+            format!("moto unreachable: {error}"),
+        )
+            .into_response(),
+    }
+}
