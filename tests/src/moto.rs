@@ -83,7 +83,11 @@ impl Moto {
     }
 
     pub async fn ec2(&self) -> aws_sdk_ec2::Client {
-        let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        aws_sdk_ec2::Client::new(&self.sdk_config().await)
+    }
+
+    async fn sdk_config(&self) -> aws_config::SdkConfig {
+        aws_config::defaults(aws_config::BehaviorVersion::latest())
             .region(aws_config::Region::new(TEST_REGION))
             .endpoint_url(&self.endpoint)
             .credentials_provider(aws_sdk_ec2::config::Credentials::new(
@@ -94,14 +98,12 @@ impl Moto {
                 "nth-tests",
             ))
             .load()
-            .await;
-        aws_sdk_ec2::Client::new(&config)
+            .await
     }
 
-    /// Launches one instance in `az` with `tags`, as an EKS node group would.
-    pub async fn run_instance(&self, az: &str, tags: &[(&str, &str)]) -> anyhow::Result<Instance> {
-        let ec2 = self.ec2().await;
-        let image = ec2
+    async fn any_image(&self) -> anyhow::Result<String> {
+        self.ec2()
+            .await
             .describe_images()
             .send()
             .await
@@ -109,7 +111,13 @@ impl Moto {
             .images()
             .iter()
             .find_map(|i| i.image_id().map(str::to_owned))
-            .context("moto has no AMI")?;
+            .context("moto has no AMI")
+    }
+
+    /// Launches one instance in `az` with `tags`, as an EKS node group would.
+    pub async fn run_instance(&self, az: &str, tags: &[(&str, &str)]) -> anyhow::Result<Instance> {
+        let ec2 = self.ec2().await;
+        let image = self.any_image().await?;
         let mut spec = TagSpecification::builder().resource_type(ResourceType::Instance);
         for (k, v) in tags {
             spec = spec.tags(Tag::builder().key(*k).value(*v).build());
@@ -136,6 +144,89 @@ impl Moto {
                 .context("no PrivateDnsName")?
                 .to_owned(),
             availability_zone: az.to_owned(),
+        })
+    }
+}
+
+impl Moto {
+    pub async fn autoscaling(&self) -> aws_sdk_autoscaling::Client {
+        aws_sdk_autoscaling::Client::new(&self.sdk_config().await)
+    }
+
+    /// An Auto Scaling group of one instance, with `tags` on the group: those marked
+    /// propagate reach the instance, the others stay on the group only.
+    pub async fn run_group(
+        &self,
+        group: &str,
+        tags: &[(&str, &str, bool)],
+    ) -> anyhow::Result<Instance> {
+        use aws_sdk_autoscaling::types::Tag as AsgTag;
+        let asg = self.autoscaling().await;
+        let image = self.any_image().await?;
+        asg.create_launch_configuration()
+            .launch_configuration_name(format!("{group}-lc"))
+            .image_id(image)
+            .instance_type("m5.large")
+            .send()
+            .await
+            .context("moto CreateLaunchConfiguration")?;
+        let mut request = asg
+            .create_auto_scaling_group()
+            .auto_scaling_group_name(group)
+            .launch_configuration_name(format!("{group}-lc"))
+            .min_size(1)
+            .max_size(1)
+            .desired_capacity(1)
+            .availability_zones("us-east-1a");
+        for (key, value, propagate) in tags {
+            request = request.tags(
+                AsgTag::builder()
+                    .key(*key)
+                    .value(*value)
+                    .propagate_at_launch(*propagate)
+                    .resource_id(group)
+                    .resource_type("auto-scaling-group")
+                    .build(),
+            );
+        }
+        request
+            .send()
+            .await
+            .context("moto CreateAutoScalingGroup")?;
+        let groups = asg
+            .describe_auto_scaling_groups()
+            .auto_scaling_group_names(group)
+            .send()
+            .await
+            .context("moto DescribeAutoScalingGroups")?;
+        let instance_id = groups
+            .auto_scaling_groups()
+            .first()
+            .and_then(|g| g.instances().first())
+            .and_then(|i| i.instance_id())
+            .context("the group launched no instance")?
+            .to_owned();
+        let described = self
+            .ec2()
+            .await
+            .describe_instances()
+            .instance_ids(&instance_id)
+            .send()
+            .await
+            .context("moto DescribeInstances")?;
+        let instance = described
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .next()
+            .context("no such instance")?;
+        Ok(Instance {
+            id: instance_id,
+            private_dns_name: instance
+                .private_dns_name()
+                .context("no PrivateDnsName")?
+                .to_owned(),
+            availability_zone: "us-east-1a".to_owned(),
         })
     }
 }

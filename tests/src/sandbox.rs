@@ -164,6 +164,17 @@ impl Sandbox {
         }
         all.retain(|(_, v)| !v.is_empty());
         let instance = self.moto.run_instance("us-east-1b", &all).await?;
+        self.add_node(&instance, pods);
+        Ok(instance)
+    }
+
+    pub async fn invoke(&self, event: Value) -> anyhow::Result<Outcome> {
+        self.runtime.invoke(event, FUNCTION_TIMEOUT).await
+    }
+
+    /// A Ready node in the cluster for `instance`, with a DaemonSet pod and `pods` ReplicaSet
+    /// pods (label app=api).
+    pub fn add_node(&self, instance: &Instance, pods: usize) {
         let node = instance.private_dns_name.clone();
         self.kube.world(|w| {
             w.add_node(fixtures::node(
@@ -173,20 +184,16 @@ impl Sandbox {
             ));
             w.add_pod(fixtures::daemonset_pod("kube-system", "aws-node", &node));
             for i in 0..pods {
+                let rs = format!("api-{}", &instance.id[2..8]);
                 w.add_pod(fixtures::replicaset_pod(
                     APP_NAMESPACE,
-                    &format!("api-{}", &instance.id[2..8]),
+                    &rs,
                     i,
                     &node,
                     "api",
                 ));
             }
         });
-        Ok(instance)
-    }
-
-    pub async fn invoke(&self, event: Value) -> anyhow::Result<Outcome> {
-        self.runtime.invoke(event, FUNCTION_TIMEOUT).await
     }
 
     /// The environment for running `nth-lambda explain` or `replay` against this world.

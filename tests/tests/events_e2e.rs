@@ -1,0 +1,651 @@
+//! Every EventBridge event kind through the real `nth-lambda` binary on the rig: the node,
+//! its pods and the Auto Scaling lifecycle calls, as an operator would check them.
+
+use std::time::Duration;
+
+use nth_tests::fixtures;
+use nth_tests::kube::state::is_terminating;
+use nth_tests::runtime_api::Outcome;
+use nth_tests::sandbox::{event, sandbox_behaviour, Sandbox, APP_NAMESPACE, CLUSTER, MANAGED_TAG};
+use serde_json::{json, Value};
+
+const GROUP: &str = "eks-workers-a";
+const HOOK: &str = "node-drain";
+const TOKEN: &str = "0befcbdb-6ecd-498a-9ff7-ae9b54447cd6";
+
+fn response(outcome: Outcome, sandbox: &Sandbox) -> Value {
+    match outcome {
+        Outcome::Response(v) => v,
+        Outcome::Error {
+            error_type,
+            message,
+        } => panic!(
+            "invocation failed: {error_type}: {message}\nlogs:\n{}",
+            sandbox.lambda.output().join("\n")
+        ),
+    }
+}
+
+fn taint_keys(node: &Value) -> Vec<String> {
+    node["spec"]["taints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t["key"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Workload pods (not DaemonSet or mirror) still on the node and not terminating.
+fn workload_pods(sandbox: &Sandbox, node: &str) -> usize {
+    sandbox
+        .kube
+        .pods_on(node)
+        .iter()
+        .filter(|p| {
+            let owner = p["metadata"]["ownerReferences"][0]["kind"].as_str();
+            owner == Some("ReplicaSet") && !is_terminating(p)
+        })
+        .count()
+}
+
+fn lifecycle_event(sandbox: &Sandbox, id: &str, detail_type: &str, destination: &str) -> Value {
+    event(
+        id,
+        "aws.autoscaling",
+        detail_type,
+        &sandbox.instance.id,
+        json!({
+            "LifecycleActionToken": TOKEN,
+            "AutoScalingGroupName": GROUP,
+            "LifecycleHookName": HOOK,
+            "EC2InstanceId": sandbox.instance.id,
+            "LifecycleTransition": if detail_type.contains("terminate") {
+                "autoscaling:EC2_INSTANCE_TERMINATING"
+            } else {
+                "autoscaling:EC2_INSTANCE_LAUNCHING"
+            },
+            "Origin": "AutoScalingGroup",
+            "Destination": destination,
+        }),
+    )
+}
+
+fn terminate_event(sandbox: &Sandbox, id: &str) -> Value {
+    lifecycle_event(
+        sandbox,
+        id,
+        "EC2 Instance-terminate Lifecycle Action",
+        "EC2",
+    )
+}
+
+fn state_event(sandbox: &Sandbox, id: &str, state: &str) -> Value {
+    event(
+        id,
+        "aws.ec2",
+        "EC2 Instance State-change Notification",
+        &sandbox.instance.id,
+        json!({"instance-id": sandbox.instance.id, "state": state}),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalance_recommendation_taints_and_cordons_without_draining() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start(&[]).await?;
+    let id = &sandbox.instance.id;
+    let ev = event(
+        "rb-1",
+        "aws.ec2",
+        "EC2 Instance Rebalance Recommendation",
+        id,
+        json!({"instance-id": id}),
+    );
+    let r = response(sandbox.invoke(ev).await?, &sandbox);
+    assert_eq!(r["results"][0]["outcome"], "marked");
+    let node = sandbox.kube.node(sandbox.node_name()).expect("node");
+    assert_eq!(node["spec"]["unschedulable"], true);
+    assert!(
+        taint_keys(&node).contains(&"node-termination-handler/rebalance-recommendation".to_owned())
+    );
+    assert_eq!(
+        workload_pods(&sandbox, sandbox.node_name()),
+        8,
+        "no pod evicted"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalance_recommendation_drains_when_configured() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start(&[("REBALANCE_DRAIN", "true")]).await?;
+    let id = &sandbox.instance.id;
+    let ev = event(
+        "rb-2",
+        "aws.ec2",
+        "EC2 Instance Rebalance Recommendation",
+        id,
+        json!({"instance-id": id}),
+    );
+    let r = response(sandbox.invoke(ev).await?, &sandbox);
+    assert_eq!(r["results"][0]["outcome"], "drained");
+    assert_eq!(workload_pods(&sandbox, sandbox.node_name()), 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminate_lifecycle_drains_then_completes_and_a_duplicate_is_a_no_op() -> anyhow::Result<()>
+{
+    let sandbox = Sandbox::start(&[]).await?;
+    sandbox
+        .aws
+        .add_pending(GROUP, HOOK, &sandbox.instance.id, TOKEN);
+
+    let r = response(
+        sandbox.invoke(terminate_event(&sandbox, "tl-1")).await?,
+        &sandbox,
+    );
+
+    assert_eq!(r["results"][0]["outcome"], "drained");
+    assert_eq!(r["results"][0]["lifecycle"], "completed");
+    let node = sandbox.kube.node(sandbox.node_name()).expect("node");
+    assert!(taint_keys(&node)
+        .contains(&"node-termination-handler/asg-lifecycle-termination".to_owned()));
+    assert_eq!(workload_pods(&sandbox, sandbox.node_name()), 0);
+    let pending = sandbox.aws.pending();
+    let (result, _) = pending[0]
+        .completed
+        .clone()
+        .expect("lifecycle action completed");
+    assert_eq!(result, "CONTINUE");
+    let completes: Vec<_> = sandbox
+        .aws
+        .calls()
+        .into_iter()
+        .filter(|c| c.action == "CompleteLifecycleAction")
+        .collect();
+    assert_eq!(completes.len(), 1);
+    assert_eq!(
+        (
+            completes[0].instance_id.as_str(),
+            completes[0].token.as_str()
+        ),
+        (sandbox.instance.id.as_str(), TOKEN)
+    );
+
+    // EventBridge delivers at least once: the same event again.
+    let evictions_before = sandbox.kube.world(|w| w.record.evictions_accepted);
+    let again = response(
+        sandbox.invoke(terminate_event(&sandbox, "tl-1")).await?,
+        &sandbox,
+    );
+    assert_eq!(again["results"][0]["outcome"], "already-drained");
+    assert_eq!(again["results"][0]["lifecycle"], "already-completed");
+    assert_eq!(
+        sandbox.kube.world(|w| w.record.evictions_accepted),
+        evictions_before,
+        "no second drain"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_keep_the_hook_alive_while_a_pdb_holds_the_drain() -> anyhow::Result<()> {
+    let mut behaviour = sandbox_behaviour();
+    behaviour.replacement_ready_delay = Duration::from_secs(4);
+    let sandbox = Sandbox::start_with(&[("LIFECYCLE_HEARTBEAT_SECONDS", "1")], behaviour).await?;
+    sandbox
+        .aws
+        .add_pending(GROUP, HOOK, &sandbox.instance.id, TOKEN);
+
+    let r = response(
+        sandbox.invoke(terminate_event(&sandbox, "tl-hb")).await?,
+        &sandbox,
+    );
+
+    assert_eq!(r["results"][0]["outcome"], "drained");
+    let action = sandbox.aws.pending().remove(0);
+    let (_, completed_at) = action.completed.expect("completed");
+    assert!(
+        action.heartbeats.len() >= 2,
+        "heartbeats while the PDB held the drain: {}",
+        action.heartbeats.len()
+    );
+    assert!(
+        action.heartbeats.iter().all(|h| *h < completed_at),
+        "every heartbeat came before the completion"
+    );
+    assert!(
+        sandbox.kube.world(|w| w.record.evictions_refused) >= 1,
+        "the PDB did hold the drain"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_that_runs_out_of_time_still_completes_the_lifecycle_action() -> anyhow::Result<()>
+{
+    let sandbox = Sandbox::start(&[]).await?;
+    sandbox.kube.world(|w| {
+        w.add_pdb(json!({
+            "metadata": {"name": "web-frozen", "namespace": APP_NAMESPACE},
+            "spec": {"maxUnavailable": 0, "selector": {"matchLabels": {"app": "web"}}},
+        }))
+    });
+    sandbox
+        .aws
+        .add_pending(GROUP, HOOK, &sandbox.instance.id, TOKEN);
+
+    let outcome = sandbox
+        .runtime
+        .invoke(terminate_event(&sandbox, "tl-late"), Duration::from_secs(8))
+        .await?;
+
+    let r = response(outcome, &sandbox);
+    assert_eq!(r["results"][0]["outcome"], "drain-incomplete");
+    assert_eq!(
+        r["results"][0]["lifecycle"], "completed",
+        "scale-in must not hang"
+    );
+    let left = r["results"][0]["drain"]["left"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(left.len(), 6, "the six web pods stayed: {left:?}");
+    assert!(
+        left.iter().all(|p| p["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("web-frozen"))),
+        "{left:?}"
+    );
+    assert_eq!(
+        workload_pods(&sandbox, sandbox.node_name()),
+        6,
+        "the PDB was never broken"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_pool_transition_drains_and_completes() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start(&[]).await?;
+    sandbox
+        .aws
+        .add_pending(GROUP, HOOK, &sandbox.instance.id, TOKEN);
+    let ev = lifecycle_event(
+        &sandbox,
+        "wp-1",
+        "EC2 Instance-terminate Lifecycle Action",
+        "WarmPool",
+    );
+    let r = response(sandbox.invoke(ev).await?, &sandbox);
+    assert_eq!(r["results"][0]["outcome"], "drained");
+    assert_eq!(r["results"][0]["lifecycle"], "completed");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_test_notification_is_skipped() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start(&[]).await?;
+    let ev = event(
+        "tn-1",
+        "aws.autoscaling",
+        "EC2 Instance-terminate Lifecycle Action",
+        &sandbox.instance.id,
+        json!({"AutoScalingGroupName": GROUP, "Event": "autoscaling:TEST_NOTIFICATION"}),
+    );
+    let r = response(sandbox.invoke(ev).await?, &sandbox);
+    assert!(r["skipped"]
+        .as_str()
+        .is_some_and(|s| s.contains("TEST_NOTIFICATION")));
+    assert!(sandbox.aws.calls().is_empty());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn launch_lifecycle_waits_for_the_node_to_be_ready() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start(&[]).await?;
+    let instance = sandbox
+        .moto
+        .run_instance(
+            "us-east-1a",
+            &[("eks:cluster-name", CLUSTER), (MANAGED_TAG, "true")],
+        )
+        .await?;
+    sandbox
+        .aws
+        .add_pending(GROUP, "node-join", &instance.id, TOKEN);
+    let ev = event(
+        "ln-1",
+        "aws.autoscaling",
+        "EC2 Instance-launch Lifecycle Action",
+        &instance.id,
+        json!({
+            "LifecycleActionToken": TOKEN, "AutoScalingGroupName": GROUP, "LifecycleHookName": "node-join",
+            "EC2InstanceId": instance.id, "LifecycleTransition": "autoscaling:EC2_INSTANCE_LAUNCHING",
+        }),
+    );
+    // The node joins NotReady after 2 s and turns Ready 4 s later, as a kubelet does.
+    let joining = {
+        let node = fixtures::node(&instance.private_dns_name, &instance.id, "us-east-1a");
+        let kube = &sandbox.kube;
+        async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let mut not_ready = node.clone();
+            not_ready["status"]["conditions"] = json!([{"type": "Ready", "status": "False"}]);
+            kube.world(|w| w.add_node(not_ready));
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            kube.world(|w| {
+                if let Some(n) = w.nodes.get_mut(&instance.private_dns_name) {
+                    n["status"]["conditions"] = json!([{"type": "Ready", "status": "True"}]);
+                }
+            });
+        }
+    };
+    let (outcome, ()) = tokio::join!(sandbox.invoke(ev), joining);
+
+    let r = response(outcome?, &sandbox);
+    assert_eq!(r["results"][0]["outcome"], "node-ready");
+    assert_eq!(r["results"][0]["lifecycle"], "completed");
+    let calls = sandbox.aws.calls();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].result.as_deref(), Some("CONTINUE"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn launch_whose_node_never_joins_is_left_to_the_hook_default() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start(&[]).await?;
+    let instance = sandbox
+        .moto
+        .run_instance(
+            "us-east-1a",
+            &[("eks:cluster-name", CLUSTER), (MANAGED_TAG, "true")],
+        )
+        .await?;
+    sandbox
+        .aws
+        .add_pending(GROUP, "node-join", &instance.id, TOKEN);
+    let ev = event(
+        "ln-2",
+        "aws.autoscaling",
+        "EC2 Instance-launch Lifecycle Action",
+        &instance.id,
+        json!({
+            "LifecycleActionToken": TOKEN, "AutoScalingGroupName": GROUP, "LifecycleHookName": "node-join",
+            "EC2InstanceId": instance.id, "LifecycleTransition": "autoscaling:EC2_INSTANCE_LAUNCHING",
+        }),
+    );
+    let r = response(
+        sandbox.runtime.invoke(ev, Duration::from_secs(9)).await?,
+        &sandbox,
+    );
+    assert!(
+        r["results"][0]["outcome"]
+            .as_str()
+            .is_some_and(|o| o.contains("never joined")),
+        "{r}"
+    );
+    assert!(r["results"][0]["lifecycle"]
+        .as_str()
+        .is_some_and(|l| l.contains("default")));
+    assert!(
+        sandbox.aws.calls().is_empty(),
+        "no completion: the hook's default result applies"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_drains_and_running_again_restores_the_node() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start(&[]).await?;
+    let node = sandbox.node_name().to_owned();
+
+    let r = response(
+        sandbox
+            .invoke(state_event(&sandbox, "st-1", "stopping"))
+            .await?,
+        &sandbox,
+    );
+    assert_eq!(r["results"][0]["outcome"], "drained");
+    let stopped = sandbox.kube.node(&node).expect("node");
+    assert_eq!(stopped["spec"]["unschedulable"], true);
+    assert!(taint_keys(&stopped).contains(&"node-termination-handler/instance-stopping".to_owned()));
+    assert_eq!(workload_pods(&sandbox, &node), 0);
+
+    // Someone else's taint must survive the restore.
+    sandbox.kube.world(|w| {
+        if let Some(n) = w.nodes.get_mut(&node) {
+            if let Some(taints) = n["spec"]["taints"].as_array_mut() {
+                taints.push(json!({"key": "team/maintenance", "effect": "NoSchedule"}));
+            }
+        }
+    });
+    let r = response(
+        sandbox
+            .invoke(state_event(&sandbox, "st-2", "running"))
+            .await?,
+        &sandbox,
+    );
+    assert_eq!(r["results"][0]["outcome"], "uncordoned");
+    let running = sandbox.kube.node(&node).expect("node");
+    assert_ne!(running["spec"]["unschedulable"], true, "uncordoned");
+    assert_eq!(taint_keys(&running), vec!["team/maintenance".to_owned()]);
+    assert!(running["metadata"]["annotations"]
+        .get("node-termination-handler/interruption-kind")
+        .is_none());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_leaves_a_node_someone_else_cordoned() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start(&[]).await?;
+    let node = sandbox.node_name().to_owned();
+    sandbox.kube.world(|w| {
+        if let Some(n) = w.nodes.get_mut(&node) {
+            n["spec"]["unschedulable"] = json!(true);
+        }
+    });
+    let r = response(
+        sandbox
+            .invoke(state_event(&sandbox, "st-3", "running"))
+            .await?,
+        &sandbox,
+    );
+    assert!(r["results"][0]["outcome"]
+        .as_str()
+        .is_some_and(|o| o.contains("left alone")));
+    assert_eq!(
+        sandbox.kube.node(&node).expect("node")["spec"]["unschedulable"],
+        true
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_state_is_skipped() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start(&[]).await?;
+    let r = response(
+        sandbox
+            .invoke(state_event(&sandbox, "st-4", "pending"))
+            .await?,
+        &sandbox,
+    );
+    assert!(r["skipped"].as_str().is_some_and(|s| s.contains("pending")));
+    assert!(sandbox.kube.requests().is_empty());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_event_naming_three_instances_drains_all_three() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start(&[]).await?;
+    let second = sandbox.add_instance_node(&[], 3).await?;
+    let third = sandbox.add_instance_node(&[], 3).await?;
+    let ids = [
+        sandbox.instance.id.clone(),
+        second.id.clone(),
+        third.id.clone(),
+    ];
+    let start = (chrono::Utc::now() + chrono::Duration::days(2)).to_rfc2822();
+    let ev = json!({
+        "version": "0", "id": "hl-1", "detail-type": "AWS Health Event", "source": "aws.health",
+        "account": "123456789012", "time": chrono::Utc::now().to_rfc3339(), "region": "us-east-1",
+        "resources": ids,
+        "detail": {
+            "eventArn": "arn:aws:health:us-east-1::event/EC2/AWS_EC2_INSTANCE_RETIREMENT_SCHEDULED/x",
+            "service": "EC2", "eventTypeCode": "AWS_EC2_INSTANCE_RETIREMENT_SCHEDULED",
+            "eventTypeCategory": "scheduledChange", "startTime": start,
+            "affectedEntities": ids.iter().map(|i| json!({"entityValue": i})).collect::<Vec<_>>(),
+        },
+    });
+
+    let r = response(sandbox.invoke(ev).await?, &sandbox);
+
+    let results = r["results"].as_array().cloned().unwrap_or_default();
+    assert_eq!(results.len(), 3);
+    assert!(results.iter().all(|x| x["outcome"] == "drained"), "{r:#}");
+    let mut event_ids = Vec::new();
+    for instance in [&sandbox.instance, &second, &third] {
+        let node = sandbox.kube.node(&instance.private_dns_name).expect("node");
+        assert_eq!(node["spec"]["unschedulable"], true);
+        assert!(taint_keys(&node)
+            .contains(&"node-termination-handler/scheduled-maintenance".to_owned()));
+        assert_eq!(workload_pods(&sandbox, &instance.private_dns_name), 0);
+        event_ids
+            .push(node["metadata"]["annotations"]["node-termination-handler/event-id"].clone());
+    }
+    event_ids.dedup();
+    assert_eq!(
+        event_ids.len(),
+        3,
+        "each node records its own interruption id"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capacity_reservation_interruption_drains() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start(&[]).await?;
+    let id = &sandbox.instance.id;
+    let ev = event(
+        "cr-1",
+        "aws.ec2",
+        "EC2 Capacity Reservation Instance Interruption Warning",
+        id,
+        json!({"instance-id": id, "capacity-reservation-id": "cr-0123456789abcdef0"}),
+    );
+    let r = response(sandbox.invoke(ev).await?, &sandbox);
+    assert_eq!(r["results"][0]["outcome"], "drained");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmanaged_and_foreign_instances_are_never_touched() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start(&[]).await?;
+    let unmanaged = sandbox.add_instance_node(&[(MANAGED_TAG, "")], 2).await?;
+    let foreign = sandbox
+        .add_instance_node(&[("eks:cluster-name", "other")], 2)
+        .await?;
+    for (instance, expect) in [(&unmanaged, "managed tag"), (&foreign, "cluster other")] {
+        sandbox.aws.add_pending(GROUP, HOOK, &instance.id, TOKEN);
+        let mut ev = terminate_event(&sandbox, &format!("nt-{}", instance.id));
+        ev["detail"]["EC2InstanceId"] = json!(instance.id);
+        let r = response(sandbox.invoke(ev).await?, &sandbox);
+        assert!(
+            r["results"][0]["outcome"]
+                .as_str()
+                .is_some_and(|o| o.contains(expect)),
+            "{r}"
+        );
+        let node = sandbox.kube.node(&instance.private_dns_name).expect("node");
+        assert!(
+            node["spec"].get("unschedulable").is_none(),
+            "node untouched"
+        );
+        assert_eq!(workload_pods(&sandbox, &instance.private_dns_name), 2);
+    }
+    assert!(
+        sandbox.aws.calls().is_empty(),
+        "another handler's lifecycle actions are not ours to complete"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_carrying_the_managed_tag_makes_its_instances_managed() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start(&[]).await?;
+    let instance = sandbox
+        .moto
+        .run_group(
+            "managed-group",
+            &[
+                ("eks:cluster-name", CLUSTER, true),
+                (MANAGED_TAG, "true", false),
+            ],
+        )
+        .await?;
+    sandbox.add_node(&instance, 2);
+    let ev = event(
+        "mg-1",
+        "aws.ec2",
+        "EC2 Spot Instance Interruption Warning",
+        &instance.id,
+        json!({"instance-id": instance.id, "instance-action": "terminate"}),
+    );
+    let r = response(sandbox.invoke(ev).await?, &sandbox);
+    assert_eq!(r["results"][0]["outcome"], "drained", "{r}");
+    assert!(
+        sandbox.aws.actions().contains(&"DescribeTags".to_owned()),
+        "the group's tags were read"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_for_an_instance_without_a_node_completes() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start(&[]).await?;
+    let instance = sandbox
+        .moto
+        .run_instance(
+            "us-east-1a",
+            &[("eks:cluster-name", CLUSTER), (MANAGED_TAG, "true")],
+        )
+        .await?;
+    sandbox.aws.add_pending(GROUP, HOOK, &instance.id, TOKEN);
+    let mut ev = terminate_event(&sandbox, "nn-1");
+    ev["detail"]["EC2InstanceId"] = json!(instance.id);
+    let r = response(sandbox.invoke(ev).await?, &sandbox);
+    assert!(r["results"][0]["outcome"]
+        .as_str()
+        .is_some_and(|o| o.contains("no node")));
+    assert_eq!(r["results"][0]["lifecycle"], "completed");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_writes_nothing_to_kubernetes_or_auto_scaling() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start(&[("DRY_RUN", "true")]).await?;
+    sandbox
+        .aws
+        .add_pending(GROUP, HOOK, &sandbox.instance.id, TOKEN);
+    let before = sandbox.kube.node(sandbox.node_name());
+    let r = response(
+        sandbox.invoke(terminate_event(&sandbox, "dr-1")).await?,
+        &sandbox,
+    );
+    assert_eq!(r["results"][0]["outcome"], "dry-run");
+    assert_eq!(r["results"][0]["lifecycle"], "dry-run");
+    assert_eq!(sandbox.kube.node(sandbox.node_name()), before);
+    assert_eq!(workload_pods(&sandbox, sandbox.node_name()), 8);
+    assert!(
+        sandbox.kube.requests().iter().all(|r| r.method == "GET"),
+        "only reads"
+    );
+    assert!(sandbox.aws.calls().is_empty(), "no lifecycle call");
+    let logged = sandbox
+        .lambda
+        .output()
+        .iter()
+        .any(|l| l.contains("would complete lifecycle action"));
+    assert!(logged, "the planned completion is logged");
+    Ok(())
+}
