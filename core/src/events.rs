@@ -54,6 +54,20 @@ impl InterruptionKind {
         }
     }
 
+    /// The `reason` of the Kubernetes Event posted on the node.
+    pub fn event_reason(self) -> &'static str {
+        match self {
+            Self::SpotInterruption => "SpotInterruption",
+            Self::RebalanceRecommendation => "RebalanceRecommendation",
+            Self::AsgTermination => "ASGLifecycleTermination",
+            Self::ScheduledMaintenance => "ScheduledMaintenance",
+            Self::InstanceStopping => "InstanceStopping",
+            Self::CapacityReservationInterruption => "CapacityReservationInterruption",
+            Self::InstanceRunning => "InstanceRunning",
+            Self::AsgLaunch => "ASGLifecycleLaunch",
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::SpotInterruption => "spot-interruption",

@@ -7,9 +7,11 @@
 pub mod drain;
 pub mod events;
 pub mod node;
+pub mod notify;
 pub mod policy;
 
 pub use drain::{DrainDeadline, DrainError, DrainReport, DrainSettings, Drainer};
 pub use events::{Interruption, InterruptionKind, LifecycleAction};
 pub use node::{MarkOutcome, NodeError, NodeMarker, RestoreOutcome};
+pub use notify::{EventType, NodeEvents};
 pub use policy::{Action, Disruption, Policy, Response, TaintEffect};

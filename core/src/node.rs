@@ -16,6 +16,13 @@ const NODE_LIST_PAGE: u32 = 500;
 /// The field manager nth's writes are recorded under, as `kubectl` records `kubectl-cordon`.
 pub const FIELD_MANAGER: &str = "nth";
 
+/// The well-known label that takes a node out of external load balancers' target groups.
+pub const EXCLUDE_LB_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
+
+/// The well-known taint for a node that is shut down: pods are force-deleted and their
+/// volumes detached without waiting for the (gone) kubelet.
+pub const OUT_OF_SERVICE_TAINT: &str = "node.kubernetes.io/out-of-service";
+
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error("reading node {node}: {source}")]
@@ -143,13 +150,14 @@ impl NodeMarker {
         interruption: &Interruption,
         taint: Option<&str>,
         cordon: bool,
+        draining: bool,
     ) -> Result<MarkOutcome, NodeError> {
         let name = node.metadata.name.clone().unwrap_or_default();
         if self.already_marked(node, interruption, taint, cordon) {
             info!(node = %name, "node already carries this interruption's marks; nothing to patch");
             return Ok(MarkOutcome::AlreadyMarked);
         }
-        let patch = self.mark_patch(interruption, taint, cordon);
+        let patch = self.mark_patch(interruption, taint, cordon, draining);
         if !self.patch(&name, patch).await? {
             return Ok(MarkOutcome::DryRun);
         }
@@ -202,7 +210,13 @@ impl NodeMarker {
         node: &str,
         interruption: &Interruption,
     ) -> Result<(), NodeError> {
-        let patch = json!({"metadata": {"annotations": {self.policy.drained_annotation(): interruption.id}}});
+        let mut patch = json!({"metadata": {"annotations": {self.policy.drained_annotation(): interruption.id}}});
+        // A rebalance recommendation's instance keeps running: it is not out of service.
+        if self.policy.out_of_service_taint
+            && interruption.kind != InterruptionKind::RebalanceRecommendation
+        {
+            patch["spec"] = json!({"taints": [{"key": OUT_OF_SERVICE_TAINT, "value": "nodeshutdown", "effect": "NoExecute"}]});
+        }
         self.patch(node, patch).await.map(drop)
     }
 
@@ -216,7 +230,7 @@ impl NodeMarker {
             info!(node = %name, "node was not cordoned by nth for a stop; leaving it alone");
             return Ok(RestoreOutcome::NotOurs);
         }
-        let patch = json!({
+        let mut patch = json!({
             "metadata": {"annotations": {
                 self.policy.event_annotation(): null,
                 self.policy.kind_annotation(): null,
@@ -227,6 +241,14 @@ impl NodeMarker {
                 "taints": [{"key": self.policy.taint_key(stopped), "$patch": "delete"}],
             },
         });
+        if self.policy.exclude_from_load_balancers {
+            patch["metadata"]["labels"] = json!({ EXCLUDE_LB_LABEL: null });
+        }
+        if self.policy.out_of_service_taint {
+            if let Some(taints) = patch["spec"]["taints"].as_array_mut() {
+                taints.push(json!({"key": OUT_OF_SERVICE_TAINT, "$patch": "delete"}));
+            }
+        }
         if !self.patch(&name, patch).await? {
             return Ok(RestoreOutcome::DryRun);
         }
@@ -239,6 +261,7 @@ impl NodeMarker {
         interruption: &Interruption,
         taint: Option<&str>,
         cordon: bool,
+        draining: bool,
     ) -> serde_json::Value {
         let mut spec = serde_json::Map::new();
         if cordon {
@@ -254,13 +277,17 @@ impl NodeMarker {
                 }]),
             );
         }
-        json!({
+        let mut patch = json!({
             "metadata": { "annotations": {
                 self.policy.event_annotation(): interruption.id,
                 self.policy.kind_annotation(): interruption.kind.as_str(),
             }},
             "spec": spec,
-        })
+        });
+        if draining && self.policy.exclude_from_load_balancers {
+            patch["metadata"]["labels"] = json!({ EXCLUDE_LB_LABEL: "true" });
+        }
+        patch
     }
 
     fn already_marked(

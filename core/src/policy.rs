@@ -161,6 +161,13 @@ pub struct Policy {
     pub dry_run: bool,
     /// Responses that replace the defaults, by kind.
     pub overrides: HashMap<InterruptionKind, Response>,
+    /// Label a node `node.kubernetes.io/exclude-from-external-load-balancers` when its drain
+    /// begins, so load balancers stop sending it traffic before its pods go.
+    pub exclude_from_load_balancers: bool,
+    /// Taint a fully drained node `node.kubernetes.io/out-of-service=nodeshutdown:NoExecute`
+    /// when its instance is going away, so that volumes detach without waiting for the
+    /// kubelet.
+    pub out_of_service_taint: bool,
 }
 
 impl Default for Policy {
@@ -170,6 +177,8 @@ impl Default for Policy {
             taint_effect: TaintEffect::default(),
             dry_run: false,
             overrides: HashMap::new(),
+            exclude_from_load_balancers: false,
+            out_of_service_taint: false,
         }
     }
 }

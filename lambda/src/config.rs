@@ -97,6 +97,23 @@ impl Config {
         };
         let policy = policy_from_lookup(&get)?;
         let dry_run = policy.dry_run;
+        let exclude_pod_labels = match get("EXCLUDE_POD_LABELS") {
+            Some(value) => value
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(|pair| {
+                    pair.split_once('=')
+                        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                        .ok_or_else(|| ConfigError::Invalid {
+                            name: "EXCLUDE_POD_LABELS",
+                            value: value.clone(),
+                            why: format!("{pair:?} is not key=value"),
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            None => Vec::new(),
+        };
         let defaults = DrainSettings::default();
         let drain = DrainSettings {
             concurrency: number(&get, "DRAIN_CONCURRENCY")?
@@ -106,6 +123,18 @@ impl Config {
                 .map(Duration::from_secs)
                 .unwrap_or(defaults.eviction_retry_interval),
             grace_period_override: number(&get, "POD_TERMINATION_GRACE_PERIOD")?,
+            evict_emptydir: flag_or(&get, "DRAIN_EMPTYDIR_PODS", true)?,
+            evict_unmanaged: flag_or(&get, "DRAIN_UNMANAGED_PODS", true)?,
+            exclude_namespaces: get("EXCLUDE_NAMESPACES")
+                .map(|v| {
+                    v.split(',')
+                        .map(str::trim)
+                        .filter(|n| !n.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default(),
+            exclude_pod_labels,
             dry_run,
             ..defaults
         };
@@ -139,6 +168,8 @@ pub fn policy_from_lookup(get: &impl Fn(&str) -> Option<String>) -> Result<Polic
         },
         dry_run: flag(get, "DRY_RUN")?,
         overrides: overrides(get)?,
+        exclude_from_load_balancers: flag(get, "EXCLUDE_FROM_LOAD_BALANCERS")?,
+        out_of_service_taint: flag(get, "OUT_OF_SERVICE_TAINT")?,
     })
 }
 
@@ -310,6 +341,30 @@ mod tests {
         vars.push(("ACTIONS", "spot=drain"));
         let err = config(&vars).expect_err("unknown kind").to_string();
         assert!(err.contains("ACTIONS") && err.contains("spot"), "{err}");
+    }
+
+    #[test]
+    fn drain_selection_settings_parse() {
+        let mut vars = CLUSTER.to_vec();
+        vars.push(("EXCLUDE_NAMESPACES", "nth, kube-system"));
+        vars.push(("EXCLUDE_POD_LABELS", "app=nth-agent"));
+        vars.push(("DRAIN_EMPTYDIR_PODS", "false"));
+        let c = config(&vars).expect("valid");
+        assert_eq!(
+            c.drain.exclude_namespaces,
+            vec!["nth".to_owned(), "kube-system".to_owned()]
+        );
+        assert_eq!(
+            c.drain.exclude_pod_labels,
+            vec![("app".to_owned(), "nth-agent".to_owned())]
+        );
+        assert!(!c.drain.evict_emptydir && c.drain.evict_unmanaged);
+        let mut vars = CLUSTER.to_vec();
+        vars.push(("EXCLUDE_POD_LABELS", "app"));
+        assert!(config(&vars)
+            .expect_err("bad pair")
+            .to_string()
+            .contains("EXCLUDE_POD_LABELS"));
     }
 
     #[test]

@@ -3,10 +3,12 @@
 use chrono::{DateTime, TimeDelta, Utc};
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Node;
 use nth_core::drain::DrainDeadline;
 use nth_core::node::{node_is_ready, provider_id_matches};
 use nth_core::{
-    Action, DrainReport, Drainer, Interruption, MarkOutcome, NodeMarker, Policy, RestoreOutcome,
+    Action, DrainReport, Drainer, EventType, Interruption, MarkOutcome, NodeEvents, NodeMarker,
+    Policy, RestoreOutcome,
 };
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -113,6 +115,7 @@ pub struct Handler {
     pub marker: NodeMarker,
     pub drainer: Drainer,
     pub lifecycle: Lifecycle,
+    pub events: NodeEvents,
 }
 
 /// A step that failed, for the invocation's error.
@@ -295,6 +298,15 @@ impl Handler {
                 .restore(&node)
                 .await
                 .map_err(|e| e.to_string())?;
+            if restored == RestoreOutcome::Restored {
+                let message = format!(
+                    "Instance {} is running again (event {}): uncordoned and untainted",
+                    interruption.instance_id, interruption.id
+                );
+                self.events
+                    .emit(&node, EventType::Normal, "Uncordoned", &message)
+                    .await;
+            }
             return Ok(Step::Done(
                 match restored {
                     RestoreOutcome::Restored => "uncordoned",
@@ -306,9 +318,30 @@ impl Handler {
         };
         let marked = self
             .marker
-            .mark(&node, interruption, taint.as_deref(), *cordon)
+            .mark(&node, interruption, taint.as_deref(), *cordon, *drain)
             .await
             .map_err(|e| e.to_string())?;
+        if marked == MarkOutcome::Marked {
+            let message = format!(
+                "{} for instance {} (event {}{}): {}",
+                interruption.kind.event_reason(),
+                interruption.instance_id,
+                interruption.id,
+                interruption
+                    .deadline
+                    .map(|d| format!(", instance expected to go at {}", d.to_rfc3339()))
+                    .unwrap_or_default(),
+                action.name(),
+            );
+            self.events
+                .emit(
+                    &node,
+                    EventType::Normal,
+                    interruption.kind.event_reason(),
+                    &message,
+                )
+                .await;
+        }
         if !drain {
             return Ok(Step::Done(
                 match marked {
@@ -343,6 +376,9 @@ impl Handler {
                 return Ok(Step::DrainFailed(error.to_string()));
             }
         };
+        if !self.policy.dry_run {
+            self.report_drain(&node, interruption, &report).await;
+        }
         let outcome = if self.policy.dry_run {
             "dry-run"
         } else if report.complete {
@@ -362,6 +398,42 @@ impl Handler {
         };
         result.drain = Some(report);
         Ok(Step::Done(outcome.into()))
+    }
+
+    /// The drain's outcome as a Kubernetes Event on the node.
+    async fn report_drain(&self, node: &Node, interruption: &Interruption, report: &DrainReport) {
+        /// Pods named in an event message; the report in the log has them all.
+        const NAMED_PODS: usize = 5;
+        let seconds = report.duration_ms as f64 / 1000.0;
+        if report.complete {
+            let message = format!(
+                "Drained for {} (event {}): {} pods evicted, {} finished pods deleted in {seconds:.1} s",
+                interruption.kind.event_reason(),
+                interruption.id,
+                report.evicted.len(),
+                report.deleted.len(),
+            );
+            self.events
+                .emit(node, EventType::Normal, "Drained", &message)
+                .await;
+        } else {
+            let named: Vec<String> = report
+                .left
+                .iter()
+                .take(NAMED_PODS)
+                .map(|p| format!("{}: {}", p.pod, p.reason))
+                .collect();
+            let message = format!(
+                "Drain for {} (event {}) ended at its deadline with {} pods left: {}",
+                interruption.kind.event_reason(),
+                interruption.id,
+                report.left.len(),
+                named.join("; "),
+            );
+            self.events
+                .emit(node, EventType::Warning, "DrainIncomplete", &message)
+                .await;
+        }
     }
 
     /// For a launching instance: waits until its node has joined and is Ready, bounded by the

@@ -12,7 +12,7 @@ pub mod token;
 use std::sync::Arc;
 
 use aws_config::BehaviorVersion;
-use nth_core::{Drainer, NodeMarker};
+use nth_core::{Drainer, NodeEvents, NodeMarker};
 
 use crate::config::{ClusterAccess, Config};
 use crate::handler::Handler;
@@ -55,6 +55,7 @@ pub async fn build_handler(config: Config) -> Result<Handler, SetupError> {
         managed_tag: config.managed_tag,
         resolver: Resolver::new(aws_sdk_ec2::Client::new(&aws), asg.clone()),
         marker: NodeMarker::new(client.clone(), config.policy.clone()),
+        events: NodeEvents::new(client.clone(), config.policy.dry_run),
         drainer: Drainer::new(client, config.drain),
         lifecycle: Lifecycle::new(asg, config.policy.dry_run, config.heartbeat_interval),
         policy: config.policy,

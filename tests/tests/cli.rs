@@ -230,22 +230,60 @@ async fn replay_with_a_kubeconfig_drains_for_real() -> anyhow::Result<()> {
 #[test]
 fn explain_plans_every_sample_event() -> anyhow::Result<()> {
     let expected = [
-        ("asg-launch-lifecycle-action.json", "asg-launch", "wait-ready"),
-        ("asg-terminate-lifecycle-action.json", "asg-termination", "taint+cordon+drain"),
-        ("aws-health-scheduled-change.json", "scheduled-maintenance", "taint+cordon+drain"),
-        ("instance-state-change.json", "instance-stopping", "taint+cordon+drain"),
-        ("rebalance-recommendation.json", "rebalance-recommendation", "taint+cordon"),
-        ("spot-interruption-warning.json", "spot-interruption", "taint+cordon+drain"),
+        (
+            "asg-launch-lifecycle-action.json",
+            "asg-launch",
+            "wait-ready",
+        ),
+        (
+            "asg-terminate-lifecycle-action.json",
+            "asg-termination",
+            "taint+cordon+drain",
+        ),
+        (
+            "aws-health-scheduled-change.json",
+            "scheduled-maintenance",
+            "taint+cordon+drain",
+        ),
+        (
+            "instance-state-change.json",
+            "instance-stopping",
+            "taint+cordon+drain",
+        ),
+        (
+            "rebalance-recommendation.json",
+            "rebalance-recommendation",
+            "taint+cordon",
+        ),
+        (
+            "spot-interruption-warning.json",
+            "spot-interruption",
+            "taint+cordon+drain",
+        ),
     ];
     for (file, kind, action) in expected {
         let path = sample(file);
-        let output = run(&["explain", path.to_str().unwrap_or_default()], &Default::default())?;
-        assert!(output.status.success(), "{file}: {}", String::from_utf8_lossy(&output.stderr));
+        let output = run(
+            &["explain", path.to_str().unwrap_or_default()],
+            &Default::default(),
+        )?;
+        assert!(
+            output.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         let plan = stdout_json(&output);
-        let list = plan["interruptions"].as_array().cloned().unwrap_or_default();
+        let list = plan["interruptions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         assert!(!list.is_empty(), "{file}: {plan}");
         for i in list {
-            assert_eq!((i["kind"].as_str(), i["action"].as_str()), (Some(kind), Some(action)), "{file}");
+            assert_eq!(
+                (i["kind"].as_str(), i["action"].as_str()),
+                (Some(kind), Some(action)),
+                "{file}"
+            );
         }
     }
     Ok(())
@@ -254,10 +292,20 @@ fn explain_plans_every_sample_event() -> anyhow::Result<()> {
 #[test]
 fn explain_follows_the_configured_policy() -> anyhow::Result<()> {
     let path = sample("rebalance-recommendation.json");
-    let env = [("REBALANCE_DRAIN".to_owned(), "true".to_owned())].into_iter().collect();
+    let env = [("REBALANCE_DRAIN".to_owned(), "true".to_owned())]
+        .into_iter()
+        .collect();
     let output = run(&["explain", path.to_str().unwrap_or_default()], &env)?;
-    assert_eq!(stdout_json(&output)["interruptions"][0]["action"], "taint+cordon+drain");
-    let env = [("ACTIONS".to_owned(), "rebalance-recommendation=ignore".to_owned())].into_iter().collect();
+    assert_eq!(
+        stdout_json(&output)["interruptions"][0]["action"],
+        "taint+cordon+drain"
+    );
+    let env = [(
+        "ACTIONS".to_owned(),
+        "rebalance-recommendation=ignore".to_owned(),
+    )]
+    .into_iter()
+    .collect();
     let output = run(&["explain", path.to_str().unwrap_or_default()], &env)?;
     assert_eq!(stdout_json(&output)["interruptions"][0]["action"], "ignore");
     Ok(())

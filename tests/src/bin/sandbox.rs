@@ -100,6 +100,17 @@ async fn main() -> anyhow::Result<()> {
     }
     print_cluster(&sandbox, "after");
 
+    println!("\n== Events on node {} (as kubectl describe node shows them)", sandbox.node_name());
+    let events = sandbox.kube.world(|w| w.events.clone());
+    for event in events.iter().filter(|e| e["involvedObject"]["name"] == sandbox.node_name()) {
+        println!(
+            "    {:<8} {:<20} {}",
+            event["type"].as_str().unwrap_or_default(),
+            event["reason"].as_str().unwrap_or_default(),
+            event["message"].as_str().unwrap_or_default()
+        );
+    }
+
     let min_healthy = sandbox.kube.world(|w| {
         w.record
             .pdb_min_healthy

@@ -8,9 +8,11 @@ pub mod state;
 pub mod status;
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use axum::body::Bytes;
@@ -23,8 +25,8 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 pub use auth::AuthConfig;
-use state::Timer;
 pub use state::{Behaviour, Key, World};
+use state::{Timer, WatchChange};
 use status::ApiError;
 
 use crate::tls::{serve_https, TestPki};
@@ -51,6 +53,8 @@ struct AppState {
     world: Arc<Mutex<World>>,
     seen: Arc<Mutex<Seen>>,
     auth: Arc<AuthConfig>,
+    evictions_in_flight: Arc<AtomicUsize>,
+    max_evictions_in_flight: Arc<AtomicUsize>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -65,6 +69,7 @@ pub struct KubeApi {
     pub ca_pem: String,
     world: Arc<Mutex<World>>,
     seen: Arc<Mutex<Seen>>,
+    max_evictions_in_flight: Arc<AtomicUsize>,
     server: tokio::task::JoinHandle<()>,
 }
 
@@ -85,6 +90,8 @@ impl KubeApi {
             world: Arc::new(Mutex::new(World::new(behaviour))),
             seen: Arc::new(Mutex::new(Seen::default())),
             auth: Arc::new(auth),
+            evictions_in_flight: Arc::new(AtomicUsize::new(0)),
+            max_evictions_in_flight: Arc::new(AtomicUsize::new(0)),
         };
         let router = router(state.clone());
         let server = serve_https(listener, router, &pki)?;
@@ -93,8 +100,29 @@ impl KubeApi {
             ca_pem: pki.ca_pem,
             world: state.world,
             seen: state.seen,
+            max_evictions_in_flight: state.max_evictions_in_flight,
             server,
         })
+    }
+
+    /// Deletes a namespace: evictions there are refused from now on, and the namespace
+    /// controller deletes its pods after `lag`.
+    pub fn terminate_namespace(&self, namespace: &str, lag: Duration) {
+        lock(&self.world)
+            .terminating_namespaces
+            .insert(namespace.to_owned());
+        let world = Arc::clone(&self.world);
+        let namespace = namespace.to_owned();
+        tokio::spawn(async move {
+            tokio::time::sleep(lag).await;
+            let timers = lock(&world).delete_namespace_pods(&namespace);
+            start_timers(&world, timers);
+        });
+    }
+
+    /// The most evictions the server was handling at once.
+    pub fn max_evictions_in_flight(&self) -> usize {
+        self.max_evictions_in_flight.load(Ordering::SeqCst)
     }
 
     /// Reads or changes the cluster directly, as a test's set-up or assertions do.
@@ -142,6 +170,11 @@ fn router(state: AppState) -> Router {
         .route(
             "/api/v1/namespaces/{ns}/pods/{name}/eviction",
             post(evict_pod),
+        )
+        .route("/api/v1/events", get(list_all_events))
+        .route(
+            "/api/v1/namespaces/{ns}/events",
+            get(list_ns_events).post(create_event),
         )
         .route("/apis/policy/v1/poddisruptionbudgets", get(list_all_pdbs))
         .route(
@@ -201,6 +234,7 @@ async fn version() -> Json<Value> {
 // ---- selectors and lists ----
 
 /// One `field=value`, `field==value` or `field!=value` term of a field selector.
+#[derive(Debug, Clone)]
 struct FieldTerm {
     field: String,
     value: String,
@@ -437,6 +471,13 @@ async fn patch_node(
         .get(&name)
         .cloned()
         .ok_or_else(|| ApiError::not_found("nodes", &name))?;
+    if let Some(stale) = patch.pointer("/metadata/resourceVersion") {
+        if Some(stale) != node.pointer("/metadata/resourceVersion") {
+            return Err(ApiError::conflict(format!(
+                "Operation cannot be fulfilled on nodes \"{name}\": the object has been modified; please apply your changes to the latest version and try again"
+            )));
+        }
+    }
     let before_meta = (
         node["metadata"]["name"].clone(),
         node["metadata"]["uid"].clone(),
@@ -478,8 +519,11 @@ fn list_pods(
     s: &AppState,
     namespace: Option<&str>,
     q: &HashMap<String, String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let fields = parse_field_selector(q.get("fieldSelector"), POD_FIELDS)?;
+    if matches!(q.get("watch").map(String::as_str), Some("true" | "1")) {
+        return watch_pods(s, namespace, fields, q);
+    }
     let world = lock(&s.world);
     let mut items = Vec::new();
     for pod in world.pods.values() {
@@ -496,12 +540,97 @@ fn list_pods(
         }
     }
     list_response("PodList", "v1", items, world.current_resource_version(), q)
+        .map(IntoResponse::into_response)
+}
+
+/// The longest watch the server keeps open when the client names no timeoutSeconds.
+const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_secs(1800);
+
+/// A watch: JSON lines of `{"type", "object"}`, from the given resourceVersion (or, without
+/// one, synthetic ADDED events for what exists), until timeoutSeconds.
+fn watch_pods(
+    s: &AppState,
+    namespace: Option<&str>,
+    fields: Vec<FieldTerm>,
+    q: &HashMap<String, String>,
+) -> Result<Response, ApiError> {
+    let labels = q.get("labelSelector").cloned();
+    let namespace = namespace.map(str::to_owned);
+    let matches = move |pod: &Value| {
+        namespace
+            .as_deref()
+            .is_none_or(|ns| pod.pointer("/metadata/namespace").and_then(Value::as_str) == Some(ns))
+            && fields
+                .iter()
+                .all(|t| (field_value(pod, &t.field) == t.value) == t.equal)
+            && label_selector_matches(labels.as_ref(), pod).unwrap_or(false)
+    };
+    let timeout = q
+        .get("timeoutSeconds")
+        .and_then(|t| t.parse().ok())
+        .map_or(DEFAULT_WATCH_TIMEOUT, Duration::from_secs);
+    let world = lock(&s.world);
+    let from = q
+        .get("resourceVersion")
+        .and_then(|rv| rv.parse::<u64>().ok())
+        .filter(|rv| *rv > 0);
+    let (initial, receiver) = match from {
+        Some(rv) => world
+            .watch_from(rv)
+            .ok_or_else(|| ApiError::gone(format!("too old resource version: {rv}")))?,
+        None => {
+            let current: u64 = world.current_resource_version().parse().unwrap_or(0);
+            let (_, receiver) = world
+                .watch_from(current)
+                .ok_or_else(|| ApiError::gone("no history"))?;
+            let existing = world
+                .pods
+                .values()
+                .map(|p| WatchChange {
+                    kind: "ADDED",
+                    object: p.clone(),
+                })
+                .collect();
+            (existing, receiver)
+        }
+    };
+    drop(world);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let state = (std::collections::VecDeque::from(initial), receiver, matches);
+    let stream =
+        futures::stream::unfold(state, move |(mut past, mut receiver, matches)| async move {
+            loop {
+                let change = match past.pop_front() {
+                    Some(change) => change,
+                    None => match tokio::time::timeout_at(deadline, receiver.recv()).await {
+                        Ok(Ok((_, change))) => change,
+                        // Timed out, or fell too far behind: end the watch; the client re-lists.
+                        _ => return None,
+                    },
+                };
+                if matches(&change.object) {
+                    let line = format!(
+                        "{}\n",
+                        json!({"type": change.kind, "object": change.object})
+                    );
+                    return Some((
+                        Ok::<_, Infallible>(Bytes::from(line)),
+                        (past, receiver, matches),
+                    ));
+                }
+            }
+        });
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
 }
 
 async fn list_all_pods(
     State(s): State<AppState>,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     list_pods(&s, None, &q)
 }
 
@@ -509,7 +638,7 @@ async fn list_ns_pods(
     State(s): State<AppState>,
     Path(ns): Path<String>,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     list_pods(&s, Some(&ns), &q)
 }
 
@@ -562,7 +691,7 @@ fn delete_options(value: Option<&Value>) -> Result<(Option<i64>, Option<String>)
     Ok((grace, uid))
 }
 
-fn start_timers(world: &Arc<Mutex<World>>, timers: Vec<Timer>) {
+pub(crate) fn start_timers(world: &Arc<Mutex<World>>, timers: Vec<Timer>) {
     for timer in timers {
         let world = Arc::clone(world);
         tokio::spawn(async move {
@@ -648,7 +777,13 @@ async fn evict_pod(
         }
     }
     let (grace, uid) = delete_options(eviction.get("deleteOptions"))?;
-    let timers = lock(&s.world).evict(&(ns, name), grace, uid.as_deref())?;
+    let now = s.evictions_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    s.max_evictions_in_flight.fetch_max(now, Ordering::SeqCst);
+    let latency = lock(&s.world).behaviour.eviction_latency;
+    tokio::time::sleep(latency).await;
+    let evicted = lock(&s.world).evict(&(ns, name), grace, uid.as_deref());
+    s.evictions_in_flight.fetch_sub(1, Ordering::SeqCst);
+    let timers = evicted?;
     start_timers(&s.world, timers);
     Ok((
         StatusCode::CREATED,
@@ -693,4 +828,118 @@ async fn list_ns_pdbs(
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     list_pdbs(&s, Some(&ns), &q)
+}
+
+// ---- events ----
+
+const EVENT_FIELDS: &[&str] = &[
+    "involvedObject.name",
+    "involvedObject.kind",
+    "reason",
+    "type",
+];
+
+fn list_events(
+    s: &AppState,
+    namespace: Option<&str>,
+    q: &HashMap<String, String>,
+) -> Result<Json<Value>, ApiError> {
+    let fields = parse_field_selector(q.get("fieldSelector"), EVENT_FIELDS)?;
+    let world = lock(&s.world);
+    let items = world
+        .events
+        .iter()
+        .filter(|e| {
+            namespace.is_none_or(|ns| {
+                e.pointer("/metadata/namespace").and_then(Value::as_str) == Some(ns)
+            })
+        })
+        .filter(|e| {
+            fields
+                .iter()
+                .all(|t| (field_value(e, &t.field) == t.value) == t.equal)
+        })
+        .cloned()
+        .collect();
+    list_response(
+        "EventList",
+        "v1",
+        items,
+        world.current_resource_version(),
+        q,
+    )
+}
+
+async fn list_all_events(
+    State(s): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    list_events(&s, None, &q)
+}
+
+async fn list_ns_events(
+    State(s): State<AppState>,
+    Path(ns): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    list_events(&s, Some(&ns), &q)
+}
+
+/// Creates a core/v1 Event, with the validation the API server applies to the fields
+/// `kubectl describe` shows.
+async fn create_event(
+    State(s): State<AppState>,
+    Path(ns): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let mut event: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("Event body is not JSON: {e}")))?;
+    if event
+        .pointer("/involvedObject/kind")
+        .and_then(Value::as_str)
+        .is_none_or(str::is_empty)
+        || event
+            .pointer("/involvedObject/name")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty)
+    {
+        return Err(ApiError::invalid(
+            "involvedObject.kind and involvedObject.name: Required value",
+        ));
+    }
+    if event["reason"].as_str().is_none_or(str::is_empty) {
+        return Err(ApiError::invalid("reason: Required value"));
+    }
+    if !matches!(event["type"].as_str(), Some("Normal" | "Warning")) {
+        return Err(ApiError::invalid(
+            "type: Unsupported value: must be Normal or Warning",
+        ));
+    }
+    if event
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .is_some_and(|n| n != ns)
+    {
+        return Err(ApiError::bad_request(
+            "the namespace of the object does not match the namespace on the request",
+        ));
+    }
+    let mut world = lock(&s.world);
+    let name = match event.pointer("/metadata/name").and_then(Value::as_str) {
+        Some(name) => name.to_owned(),
+        None => {
+            let prefix = event
+                .pointer("/metadata/generateName")
+                .and_then(Value::as_str)
+                .ok_or_else(|| {
+                    ApiError::invalid("metadata.name or metadata.generateName: Required value")
+                })?;
+            format!("{prefix}{:x}", world.events.len() + 0x1000)
+        }
+    };
+    event["metadata"]["name"] = json!(name);
+    event["metadata"]["namespace"] = json!(ns);
+    world.stamp(&mut event);
+    world.events.push(event.clone());
+    Ok((StatusCode::CREATED, Json(event)))
 }

@@ -2,8 +2,8 @@
 //! graceful deletion, evictions checked against PodDisruptionBudgets, and a ReplicaSet
 //! controller that replaces evicted pods on another node.
 
-use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::time::{Duration, Instant};
 
 use chrono::{SecondsFormat, Utc};
 use serde_json::{json, Value};
@@ -22,6 +22,11 @@ pub struct Behaviour {
     pub spare_node: Option<String>,
     /// How long a replacement pod takes to turn Ready.
     pub replacement_ready_delay: Duration,
+    /// Emulated seconds per real second for grace periods: 0.01 makes a pod that ignores
+    /// SIGTERM with 100 s of grace go after 1 s. Order is kept; only the clock runs faster.
+    pub time_scale: f64,
+    /// Server-side time an eviction takes, to make concurrency observable.
+    pub eviction_latency: Duration,
 }
 
 impl Default for Behaviour {
@@ -30,9 +35,34 @@ impl Default for Behaviour {
             pod_stop_delay: Duration::from_millis(100),
             spare_node: None,
             replacement_ready_delay: Duration::from_millis(500),
+            time_scale: 1.0,
+            eviction_latency: Duration::ZERO,
         }
     }
 }
+
+/// One accepted eviction.
+#[derive(Debug, Clone)]
+pub struct EvictionRecord {
+    pub key: Key,
+    /// `deleteOptions.gracePeriodSeconds`, when the client set it.
+    pub grace_seconds: Option<i64>,
+    pub at: Instant,
+}
+
+/// One change to a pod, as a watch reports it.
+#[derive(Debug, Clone)]
+pub struct WatchChange {
+    /// `ADDED`, `MODIFIED` or `DELETED`.
+    pub kind: &'static str,
+    pub object: Value,
+}
+
+/// Live pod changes, with the resourceVersion each happened at.
+pub type ChangeReceiver = tokio::sync::broadcast::Receiver<(u64, WatchChange)>;
+
+/// How many pod changes a watch can resume from, like the API server's watch cache.
+const WATCH_HISTORY: usize = 20_000;
 
 /// What happened, for tests and benchmarks to assert on.
 #[derive(Debug, Default, Clone)]
@@ -42,6 +72,7 @@ pub struct Record {
     /// Evictions refused with 429 because of a PDB.
     pub evictions_refused: u64,
     pub evictions_accepted: u64,
+    pub evictions: Vec<EvictionRecord>,
 }
 
 /// A timer the server must start after the state changed (the state itself never sleeps).
@@ -61,16 +92,21 @@ pub enum Timer {
     },
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct World {
     pub behaviour: Behaviour,
     pub nodes: BTreeMap<String, Value>,
     pub pods: BTreeMap<Key, Value>,
     pub pdbs: BTreeMap<Key, Value>,
+    /// Kubernetes Events (core/v1) posted to the server.
     pub events: Vec<Value>,
+    /// Namespaces being deleted: creates, evictions included, are refused there.
+    pub terminating_namespaces: BTreeSet<String>,
     pub record: Record,
     resource_version: u64,
     uid_counter: u64,
+    history: VecDeque<(u64, WatchChange)>,
+    changes: tokio::sync::broadcast::Sender<(u64, WatchChange)>,
 }
 
 pub fn now_rfc3339() -> String {
@@ -136,8 +172,50 @@ impl World {
     pub fn new(behaviour: Behaviour) -> Self {
         Self {
             behaviour,
-            ..Self::default()
+            nodes: BTreeMap::new(),
+            pods: BTreeMap::new(),
+            pdbs: BTreeMap::new(),
+            events: Vec::new(),
+            terminating_namespaces: BTreeSet::new(),
+            record: Record::default(),
+            resource_version: 0,
+            uid_counter: 0,
+            history: VecDeque::new(),
+            changes: tokio::sync::broadcast::channel(4096).0,
         }
+    }
+
+    /// Publishes a pod change to watchers, at the current resourceVersion.
+    fn pod_changed(&mut self, kind: &'static str, pod: Value) {
+        let change = WatchChange { kind, object: pod };
+        let rv = self.resource_version;
+        if self.history.len() == WATCH_HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back((rv, change.clone()));
+        let _no_watchers = self.changes.send((rv, change));
+    }
+
+    /// Changes after `resource_version` and a receiver for those to come, taken together so
+    /// none is missed; `None` when the history no longer reaches back that far (410 Gone).
+    pub fn watch_from(
+        &self,
+        resource_version: u64,
+    ) -> Option<(Vec<WatchChange>, ChangeReceiver)> {
+        let oldest = self
+            .history
+            .front()
+            .map_or(self.resource_version, |(rv, _)| rv.saturating_sub(1));
+        if resource_version < oldest {
+            return None;
+        }
+        let past = self
+            .history
+            .iter()
+            .filter(|(rv, _)| *rv > resource_version)
+            .map(|(_, c)| c.clone())
+            .collect();
+        Some((past, self.changes.subscribe()))
     }
 
     pub fn next_resource_version(&mut self) -> String {
@@ -177,7 +255,8 @@ impl World {
     pub fn add_pod(&mut self, mut pod: Value) {
         self.stamp(&mut pod);
         let key = key_of(&pod);
-        self.pods.insert(key, pod);
+        self.pods.insert(key, pod.clone());
+        self.pod_changed("ADDED", pod);
         self.observe_pdbs();
     }
 
@@ -289,7 +368,9 @@ impl World {
             .and_then(|s| s.parse().ok())
             .map(Duration::from_millis)
             .unwrap_or(self.behaviour.pod_stop_delay);
-        let after = stop_delay.min(Duration::from_secs(u64::try_from(grace).unwrap_or(0)));
+        let scaled_grace = Duration::from_secs(u64::try_from(grace).unwrap_or(0))
+            .mul_f64(self.behaviour.time_scale);
+        let after = stop_delay.min(scaled_grace);
         let Some(pod) = self.pods.get_mut(key) else {
             return Err(ApiError::not_found("pods", &key.1));
         };
@@ -299,6 +380,7 @@ impl World {
         pod["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
         pod["metadata"]["resourceVersion"] = json!(rv);
         let deleted = pod.clone();
+        self.pod_changed("MODIFIED", deleted.clone());
         let mut timers = vec![Timer::RemovePod {
             key: key.clone(),
             uid,
@@ -351,7 +433,8 @@ impl World {
             .to_owned();
         let key = (ns, name);
         let schedulable = self.behaviour.spare_node.is_some();
-        self.pods.insert(key.clone(), replacement);
+        self.pods.insert(key.clone(), replacement.clone());
+        self.pod_changed("ADDED", replacement);
         schedulable.then_some(Timer::PodReady {
             key,
             uid,
@@ -365,8 +448,10 @@ impl World {
             .get(key)
             .is_some_and(|p| str_at(p, "/metadata/uid") == Some(uid))
         {
-            self.pods.remove(key);
             self.next_resource_version();
+            if let Some(pod) = self.pods.remove(key) {
+                self.pod_changed("DELETED", pod);
+            }
             self.observe_pdbs();
         }
     }
@@ -381,6 +466,8 @@ impl World {
             pod["status"]["conditions"] = json!([{"type": "Ready", "status": "True"}]);
             pod["status"]["phase"] = json!("Running");
             pod["metadata"]["resourceVersion"] = json!(rv);
+            let changed = pod.clone();
+            self.pod_changed("MODIFIED", changed);
         }
         self.observe_pdbs();
     }
@@ -397,6 +484,9 @@ impl World {
             .get(key)
             .cloned()
             .ok_or_else(|| ApiError::not_found("pods", &key.1))?;
+        if self.terminating_namespaces.contains(&key.0) {
+            return Err(ApiError::namespace_terminating(&key.0, &key.1));
+        }
         let phase = str_at(&pod, "/status/phase").unwrap_or("Pending");
         // Pods that are finished, not yet running, or already going need no budget.
         let ignore_budget =
@@ -436,7 +526,27 @@ impl World {
         }
         let (_, timers) = self.delete_pod(key, grace_seconds, precondition_uid)?;
         self.record.evictions_accepted += 1;
+        self.record.evictions.push(EvictionRecord {
+            key: key.clone(),
+            grace_seconds,
+            at: Instant::now(),
+        });
         Ok(timers)
+    }
+
+    /// The namespace controller's work when a namespace is deleted: every pod in it is
+    /// deleted gracefully. Returns the timers to start.
+    pub fn delete_namespace_pods(&mut self, namespace: &str) -> Vec<Timer> {
+        let keys: Vec<Key> = self
+            .pods
+            .keys()
+            .filter(|(ns, _)| ns == namespace)
+            .cloned()
+            .collect();
+        keys.iter()
+            .filter_map(|key| self.delete_pod(key, None, None).ok())
+            .flat_map(|(_, timers)| timers)
+            .collect()
     }
 }
 
@@ -513,6 +623,48 @@ mod tests {
         );
         w.add_pdb(json!({"metadata": {"name": "other", "namespace": "web"}, "spec": {"minAvailable": 0, "selector": {}}}));
         assert_eq!(w.evict(&key("p0"), None, None).expect_err("500").code, 500);
+    }
+
+    #[test]
+    fn a_terminating_namespace_refuses_evictions_with_its_cause() {
+        let mut w = world_with_pdb(
+            json!({"minAvailable": 0, "selector": {"matchLabels": {"app": "web"}}}),
+            1,
+        );
+        w.terminating_namespaces.insert("web".into());
+        let err = w.evict(&key("p0"), None, None).expect_err("403");
+        assert_eq!(err.code, 403);
+        assert!(err.body().to_string().contains("NamespaceTerminating"));
+    }
+
+    #[test]
+    fn watches_resume_from_a_resource_version_without_gaps() {
+        let mut w = World::new(Behaviour::default());
+        w.add_pod(pod("a", true));
+        let rv: u64 = w.current_resource_version().parse().expect("number");
+        w.add_pod(pod("b", true));
+        let (past, _live) = w.watch_from(rv).expect("in history");
+        assert_eq!(past.len(), 1);
+        assert_eq!(past[0].kind, "ADDED");
+        assert_eq!(past[0].object["metadata"]["name"], "b");
+    }
+
+    #[test]
+    fn grace_runs_on_the_scaled_clock_for_pods_that_ignore_sigterm() {
+        let mut w = World::new(Behaviour {
+            time_scale: 0.01,
+            ..Behaviour::default()
+        });
+        let mut p = pod("slow", true);
+        p["metadata"]["annotations"] = json!({"emulator.nth.dev/stop-delay-ms": "600000"});
+        w.add_pod(p);
+        let (_, timers) = w
+            .delete_pod(&key("slow"), Some(100), None)
+            .expect("deleted");
+        let Some(Timer::RemovePod { after, .. }) = timers.first() else {
+            panic!("no timer")
+        };
+        assert_eq!(*after, Duration::from_secs(1));
     }
 
     #[test]

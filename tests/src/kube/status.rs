@@ -45,6 +45,26 @@ impl ApiError {
         Self::new(415, "UnsupportedMediaType", message)
     }
 
+    /// What the NamespaceLifecycle admission plugin answers a create (an eviction is one)
+    /// in a namespace being deleted.
+    pub fn namespace_terminating(namespace: &str, pod: &str) -> Self {
+        let mut e = Self::new(
+            403,
+            "Forbidden",
+            format!("pods \"{pod}\" is forbidden: unable to create new content in namespace {namespace} because it is being terminated"),
+        );
+        e.details = Some(json!({"name": pod, "kind": "pods", "causes": [{
+            "reason": "NamespaceTerminating",
+            "message": format!("namespace {namespace} is being terminated"),
+            "field": "metadata.namespace",
+        }]}));
+        e
+    }
+
+    pub fn gone(message: impl Into<String>) -> Self {
+        Self::new(410, "Expired", message)
+    }
+
     pub fn unauthorized() -> Self {
         Self::new(401, "Unauthorized", "Unauthorized")
     }

@@ -1,0 +1,85 @@
+//! Kubernetes Events on the node, so that `kubectl describe node` tells what nth did and why.
+//! An event that cannot be posted is logged and forgotten: it never holds up a drain.
+
+use chrono::Utc;
+use k8s_openapi::api::core::v1::{Event, Node};
+use kube::api::PostParams;
+use kube::{Api, Client};
+use serde_json::json;
+use tracing::{info, warn};
+
+/// Events about cluster-scoped objects (nodes) live in `default`, as the kubelet's do.
+const EVENT_NAMESPACE: &str = "default";
+
+/// The component events are reported under.
+pub const COMPONENT: &str = "nth";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventType {
+    Normal,
+    Warning,
+}
+
+#[derive(Clone)]
+pub struct NodeEvents {
+    events: Api<Event>,
+    dry_run: bool,
+}
+
+impl std::fmt::Debug for NodeEvents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeEvents")
+            .field("dry_run", &self.dry_run)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeEvents {
+    pub fn new(client: Client, dry_run: bool) -> Self {
+        Self {
+            events: Api::namespaced(client, EVENT_NAMESPACE),
+            dry_run,
+        }
+    }
+
+    /// Posts an event about `node` with a CamelCase `reason` and a sentence of `message`.
+    pub async fn emit(&self, node: &Node, kind: EventType, reason: &str, message: &str) {
+        let name = node.metadata.name.clone().unwrap_or_default();
+        if self.dry_run {
+            info!(node = %name, reason, message, "dry run: would post a Kubernetes event");
+            return;
+        }
+        let now = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let event = json!({
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": { "generateName": format!("{name}."), "namespace": EVENT_NAMESPACE },
+            "involvedObject": {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "name": name,
+                "uid": node.metadata.uid.clone().unwrap_or_default(),
+            },
+            "reason": reason,
+            "message": message,
+            "type": match kind { EventType::Normal => "Normal", EventType::Warning => "Warning" },
+            "source": { "component": COMPONENT },
+            "reportingComponent": COMPONENT,
+            "reportingInstance": COMPONENT,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        });
+        let posted = match serde_json::from_value::<Event>(event) {
+            Ok(event) => self
+                .events
+                .create(&PostParams::default(), &event)
+                .await
+                .map(drop),
+            Err(error) => Err(kube::Error::SerdeError(error)),
+        };
+        if let Err(error) = posted {
+            warn!(node = %name, reason, %error, "posting the Kubernetes event failed");
+        }
+    }
+}
