@@ -77,6 +77,19 @@ async fn spot_interruption_cordons_taints_and_drains_the_node() -> anyhow::Resul
         "the second checkout pod had to wait for its budget (refusals: {refused})"
     );
 
+    // `kubectl describe node` tells the story.
+    let reasons: Vec<String> = sandbox.kube.world(|w| {
+        w.events
+            .iter()
+            .filter(|e| e["involvedObject"]["name"] == node.as_str())
+            .filter_map(|e| e["reason"].as_str().map(str::to_owned))
+            .collect()
+    });
+    assert_eq!(
+        reasons,
+        vec!["SpotInterruption".to_owned(), "Drained".to_owned()]
+    );
+
     // Every request carried a well-formed, correctly signed EKS token.
     assert!(
         sandbox.kube.auth_failures().is_empty(),
@@ -138,5 +151,46 @@ async fn unknown_detail_type_succeeds_with_a_logged_skip() -> anyhow::Result<()>
         sandbox.kube.requests().is_empty(),
         "no API call for a skipped event"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_balancer_label_out_of_service_taint_and_exclusions_when_configured(
+) -> anyhow::Result<()> {
+    let sandbox = Sandbox::start(&[
+        ("EXCLUDE_FROM_LOAD_BALANCERS", "true"),
+        ("OUT_OF_SERVICE_TAINT", "true"),
+        ("EXCLUDE_POD_LABELS", "app=checkout"),
+    ])
+    .await?;
+    let node = sandbox.node_name().to_owned();
+
+    let outcome = sandbox.invoke(sandbox.spot_event("opt-1")).await?;
+
+    let Outcome::Response(response) = &outcome else {
+        panic!("invocation failed: {outcome:?}");
+    };
+    assert_eq!(response["results"][0]["outcome"], "drained", "{response:#}");
+    let marked = sandbox.kube.node(&node).expect("node");
+    assert_eq!(
+        marked["metadata"]["labels"]["node.kubernetes.io/exclude-from-external-load-balancers"],
+        "true"
+    );
+    let taints = marked["spec"]["taints"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(taints
+        .iter()
+        .any(|t| t["key"] == "node.kubernetes.io/out-of-service"
+            && t["value"] == "nodeshutdown"
+            && t["effect"] == "NoExecute"));
+    let left = names(&sandbox.kube.pods_on(&node));
+    assert_eq!(
+        left.iter().filter(|n| n.starts_with("checkout-")).count(),
+        2,
+        "excluded pods stay: {left:?}"
+    );
+    assert_eq!(left.iter().filter(|n| n.starts_with("web-")).count(), 0);
     Ok(())
 }

@@ -100,9 +100,15 @@ async fn main() -> anyhow::Result<()> {
     }
     print_cluster(&sandbox, "after");
 
-    println!("\n== Events on node {} (as kubectl describe node shows them)", sandbox.node_name());
+    println!(
+        "\n== Events on node {} (as kubectl describe node shows them)",
+        sandbox.node_name()
+    );
     let events = sandbox.kube.world(|w| w.events.clone());
-    for event in events.iter().filter(|e| e["involvedObject"]["name"] == sandbox.node_name()) {
+    for event in events
+        .iter()
+        .filter(|e| e["involvedObject"]["name"] == sandbox.node_name())
+    {
         println!(
             "    {:<8} {:<20} {}",
             event["type"].as_str().unwrap_or_default(),

@@ -25,8 +25,9 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 pub use auth::AuthConfig;
+pub use state::Timer;
+use state::WatchChange;
 pub use state::{Behaviour, Key, World};
-use state::{Timer, WatchChange};
 use status::ApiError;
 
 use crate::tls::{serve_https, TestPki};
@@ -118,6 +119,11 @@ impl KubeApi {
             let timers = lock(&world).delete_namespace_pods(&namespace);
             start_timers(&world, timers);
         });
+    }
+
+    /// Starts timers a test got from changing the world directly (e.g. deleting a pod).
+    pub fn start_timers(&self, timers: Vec<Timer>) {
+        start_timers(&self.world, timers);
     }
 
     /// The most evictions the server was handling at once.
@@ -942,4 +948,24 @@ async fn create_event(
     world.stamp(&mut event);
     world.events.push(event.clone());
     Ok((StatusCode::CREATED, Json(event)))
+}
+
+/// A kube client for the emulator through nth's own EKS client stack (TLS against the
+/// emulator's CA, a presigned token from the test credentials, no automatic 429 retry).
+pub fn client(api: &KubeApi, cluster: &str) -> anyhow::Result<kube::Client> {
+    use base64::Engine;
+    let credentials = aws_credential_types::Credentials::new(
+        crate::TEST_ACCESS_KEY,
+        crate::TEST_SECRET_KEY,
+        Some(crate::TEST_SESSION_TOKEN.to_owned()),
+        None,
+        "nth-tests",
+    );
+    let tokens = std::sync::Arc::new(nth_lambda::token::TokenSource::new(
+        cluster.to_owned(),
+        crate::TEST_REGION.to_owned(),
+        aws_credential_types::provider::SharedCredentialsProvider::new(credentials),
+    ));
+    let ca_data = base64::engine::general_purpose::STANDARD.encode(&api.ca_pem);
+    Ok(nth_lambda::cluster::eks_client(&api.url, &ca_data, tokens)?)
 }

@@ -198,10 +198,7 @@ impl World {
 
     /// Changes after `resource_version` and a receiver for those to come, taken together so
     /// none is missed; `None` when the history no longer reaches back that far (410 Gone).
-    pub fn watch_from(
-        &self,
-        resource_version: u64,
-    ) -> Option<(Vec<WatchChange>, ChangeReceiver)> {
+    pub fn watch_from(&self, resource_version: u64) -> Option<(Vec<WatchChange>, ChangeReceiver)> {
         let oldest = self
             .history
             .front()
