@@ -56,6 +56,8 @@ pub struct Config {
     /// Act only on instances (or groups) with this tag; `None` when the check is off.
     pub managed_tag: Option<String>,
     pub heartbeat_interval: Duration,
+    /// CloudWatch namespace of the EMF metrics; `None` (no metrics line) outside Lambda.
+    pub metrics_namespace: Option<String>,
 }
 
 impl Config {
@@ -150,6 +152,10 @@ impl Config {
             drain,
             managed_tag,
             heartbeat_interval,
+            metrics_namespace: Some(
+                get("METRICS_NAMESPACE")
+                    .unwrap_or_else(|| crate::metrics::DEFAULT_NAMESPACE.to_owned()),
+            ),
         })
     }
 }

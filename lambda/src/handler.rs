@@ -6,6 +6,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Node;
 use nth_core::drain::DrainDeadline;
 use nth_core::node::{node_is_ready, provider_id_matches};
+use nth_core::NodeError;
 use nth_core::{
     Action, DrainReport, Drainer, EventType, Interruption, MarkOutcome, NodeEvents, NodeMarker,
     Policy, RestoreOutcome,
@@ -15,8 +16,9 @@ use serde_json::{json, Value};
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::eventbridge::{self, EventError, Parsed};
-use crate::lifecycle::{Lifecycle, CONTINUE};
-use crate::resolve::Resolver;
+use crate::lifecycle::{Lifecycle, LifecycleError, CONTINUE};
+use crate::metrics::Metrics;
+use crate::resolve::{ResolveError, Resolver};
 
 /// Pods are made to stop this long before the instance is expected to go: time for the
 /// container runtime to kill stragglers and for the kubelet to report them gone before EC2
@@ -68,6 +70,8 @@ pub struct InterruptionResult {
     pub drain: Option<DrainReport>,
     /// The Auto Scaling lifecycle action's fate, for lifecycle events.
     pub lifecycle: Option<String>,
+    /// From the event's time to the node's cordon, when this invocation cordoned it.
+    pub cordoned_after_ms: Option<u64>,
 }
 
 /// The invocation's answer.
@@ -116,10 +120,44 @@ pub struct Handler {
     pub drainer: Drainer,
     pub lifecycle: Lifecycle,
     pub events: NodeEvents,
+    /// Where EMF metrics go; `None` outside Lambda.
+    pub metrics_namespace: Option<String>,
 }
 
-/// A step that failed, for the invocation's error.
-type StepError = String;
+/// A step that failed, for the invocation's error and the error metric.
+#[derive(Debug)]
+pub struct StepError {
+    /// `resolve`, `node`, `drain` or `lifecycle`.
+    pub stage: &'static str,
+    pub message: String,
+}
+
+impl StepError {
+    fn new(stage: &'static str, error: &dyn std::fmt::Display) -> Self {
+        Self {
+            stage,
+            message: error.to_string(),
+        }
+    }
+}
+
+impl From<ResolveError> for StepError {
+    fn from(e: ResolveError) -> Self {
+        Self::new("resolve", &e)
+    }
+}
+
+impl From<NodeError> for StepError {
+    fn from(e: NodeError) -> Self {
+        Self::new("node", &e)
+    }
+}
+
+impl From<LifecycleError> for StepError {
+    fn from(e: LifecycleError) -> Self {
+        Self::new("lifecycle", &e)
+    }
+}
 
 impl Handler {
     pub async fn handle(
@@ -127,9 +165,17 @@ impl Handler {
         event: &Value,
         invocation_end: DateTime<Utc>,
     ) -> Result<Outcome, HandleError> {
-        let interruptions = match eventbridge::parse(event)? {
+        let parsed = match eventbridge::parse(event) {
+            Ok(parsed) => parsed,
+            Err(error) => {
+                self.emit_metrics(&Metrics::parse_error());
+                return Err(error.into());
+            }
+        };
+        let interruptions = match parsed {
             Parsed::Skipped(reason) => {
                 warn!(%reason, "event skipped");
+                self.emit_metrics(&Metrics::from_results("skipped", &[], &[]));
                 return Ok(Outcome {
                     skipped: Some(reason),
                     results: Vec::new(),
@@ -137,6 +183,10 @@ impl Handler {
             }
             Parsed::Interruptions(list) => list,
         };
+        let kind = interruptions
+            .first()
+            .map(|i| i.kind.as_str())
+            .unwrap_or_default();
         let total = interruptions.len();
         let event_id = event
             .get("id")
@@ -162,9 +212,10 @@ impl Handler {
         for result in handled {
             match result {
                 Ok(r) => results.push(r),
-                Err(message) => failures.push(message),
+                Err(failure) => failures.push(failure),
             }
         }
+        self.emit_metrics(&Metrics::from_results(kind, &results, &failures));
         if failures.is_empty() {
             Ok(Outcome {
                 skipped: None,
@@ -175,8 +226,23 @@ impl Handler {
                 event_id,
                 failed: failures.len(),
                 total,
-                messages: failures.join("; "),
+                messages: failures
+                    .iter()
+                    .map(|f| f.message.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; "),
             })
+        }
+    }
+
+    /// Writes the invocation's EMF line to standard output, where Lambda's log capture
+    /// takes it to CloudWatch Logs; off outside Lambda (standard output is the result there).
+    fn emit_metrics(&self, metrics: &Metrics) {
+        if let Some(namespace) = &self.metrics_namespace {
+            println!(
+                "{}",
+                metrics.to_emf(namespace, Utc::now().timestamp_millis())
+            );
         }
     }
 
@@ -195,6 +261,7 @@ impl Handler {
             outcome: String::new(),
             drain: None,
             lifecycle: None,
+            cordoned_after_ms: None,
         };
         let step = self
             .act(interruption, &action, invocation_end, &mut result)
@@ -213,15 +280,14 @@ impl Handler {
                     let completion = self
                         .lifecycle
                         .complete(&interruption.instance_id, lifecycle, CONTINUE)
-                        .await
-                        .map_err(|e| e.to_string())?;
+                        .await?;
                     json!(completion).as_str().unwrap_or_default().to_owned()
                 }
             });
         }
         let what = match step {
             Step::Done(what) | Step::NotOurs(what) | Step::NeverJoined(what) => what,
-            Step::DrainFailed(error) => return Err(error),
+            Step::DrainFailed(error) => return Err(StepError::new("drain", &error)),
         };
         info!(outcome = %what, action = %result.action, lifecycle = result.lifecycle.as_deref().unwrap_or("none"), "interruption handled");
         result.outcome = what;
@@ -239,12 +305,7 @@ impl Handler {
         if *action == Action::Ignore {
             return Ok(Step::Done("ignored by policy".into()));
         }
-        let Some(instance) = self
-            .resolver
-            .describe(&interruption.instance_id)
-            .await
-            .map_err(|e| e.to_string())?
-        else {
+        let Some(instance) = self.resolver.describe(&interruption.instance_id).await? else {
             return Ok(Step::Done("instance unknown to EC2".into()));
         };
         if let Some(other) = instance
@@ -256,12 +317,7 @@ impl Handler {
             )));
         }
         if let Some(tag) = &self.managed_tag {
-            if !self
-                .resolver
-                .is_managed(&instance, tag)
-                .await
-                .map_err(|e| e.to_string())?
-            {
+            if !self.resolver.is_managed(&instance, tag).await? {
                 return Ok(Step::NotOurs(format!(
                     "instance and its group lack the managed tag {tag}"
                 )));
@@ -276,8 +332,7 @@ impl Handler {
         let Some(node) = self
             .marker
             .find(&interruption.instance_id, likely_name)
-            .await
-            .map_err(|e| e.to_string())?
+            .await?
         else {
             return Ok(Step::Done(
                 "no node for this instance in the cluster".into(),
@@ -293,11 +348,7 @@ impl Handler {
             drain,
         } = action
         else {
-            let restored = self
-                .marker
-                .restore(&node)
-                .await
-                .map_err(|e| e.to_string())?;
+            let restored = self.marker.restore(&node).await?;
             if restored == RestoreOutcome::Restored {
                 let message = format!(
                     "Instance {} is running again (event {}): uncordoned and untainted",
@@ -319,9 +370,10 @@ impl Handler {
         let marked = self
             .marker
             .mark(&node, interruption, taint.as_deref(), *cordon, *drain)
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         if marked == MarkOutcome::Marked {
+            result.cordoned_after_ms =
+                u64::try_from((Utc::now() - interruption.event_time).num_milliseconds()).ok();
             let message = format!(
                 "{} for instance {} (event {}{}): {}",
                 interruption.kind.event_reason(),
@@ -382,10 +434,7 @@ impl Handler {
         let outcome = if self.policy.dry_run {
             "dry-run"
         } else if report.complete {
-            self.marker
-                .record_drained(&node_name, interruption)
-                .await
-                .map_err(|e| e.to_string())?;
+            self.marker.record_drained(&node_name, interruption).await?;
             "drained"
         } else {
             if interruption.lifecycle.is_some() {
@@ -450,8 +499,7 @@ impl Handler {
             let node = match likely_name {
                 Some(name) => self.marker.get(name).await,
                 None => self.marker.find(&interruption.instance_id, None).await,
-            }
-            .map_err(|e| e.to_string())?;
+            }?;
             let joined = node.filter(|n| {
                 n.spec
                     .as_ref()

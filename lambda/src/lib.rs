@@ -6,6 +6,7 @@ pub mod config;
 pub mod eventbridge;
 pub mod handler;
 pub mod lifecycle;
+pub mod metrics;
 pub mod resolve;
 pub mod token;
 
@@ -56,6 +57,7 @@ pub async fn build_handler(config: Config) -> Result<Handler, SetupError> {
         resolver: Resolver::new(aws_sdk_ec2::Client::new(&aws), asg.clone()),
         marker: NodeMarker::new(client.clone(), config.policy.clone()),
         events: NodeEvents::new(client.clone(), config.policy.dry_run),
+        metrics_namespace: config.metrics_namespace,
         drainer: Drainer::new(client, config.drain),
         lifecycle: Lifecycle::new(asg, config.policy.dry_run, config.heartbeat_interval),
         policy: config.policy,

@@ -117,6 +117,8 @@ async fn replay(args: &[String]) -> anyhow::Result<()> {
         config.policy.dry_run = true;
         config.drain.dry_run = true;
     }
+    // Standard output carries the result here, not metrics.
+    config.metrics_namespace = None;
     let handler = nth_lambda::build_handler(config).await?;
     let outcome = handler
         .handle(&event, Utc::now() + REPLAY_TIME_LIMIT)
@@ -145,8 +147,10 @@ fn init_logging(to_stderr: bool) {
     let builder = tracing_subscriber::fmt()
         .json()
         .flatten_event(true)
-        .with_current_span(true)
-        .with_span_list(false)
+        // Every enclosing span, so each line carries the event id, kind, instance, cluster
+        // and node of the step it belongs to.
+        .with_current_span(false)
+        .with_span_list(true)
         .with_env_filter(filter);
     if to_stderr {
         builder.with_writer(std::io::stderr).init();

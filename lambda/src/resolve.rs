@@ -1,6 +1,8 @@
 //! Instance -> cluster -> node: what EC2 says about the instance, then which node it is.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use aws_sdk_ec2::error::ProvideErrorMetadata;
 use tracing::{debug, instrument};
@@ -11,6 +13,13 @@ const CLUSTER_NAME_TAG: &str = "eks:cluster-name";
 const CLUSTER_TAG_PREFIX: &str = "kubernetes.io/cluster/";
 /// The tag Auto Scaling puts on every instance of a group.
 const ASG_NAME_TAG: &str = "aws:autoscaling:groupName";
+
+/// How long a warm container trusts what EC2 and Auto Scaling said about an instance or
+/// group. An instance's zone, name and cluster never change, and its id is never reused;
+/// its tags rarely change, and ten minutes bounds how stale a tag change can be. It saves
+/// one round trip on every later event about the same instance (Spot warning after a
+/// rebalance recommendation, lifecycle hook after a Spot warning).
+const CACHE_TTL: Duration = Duration::from_secs(10 * 60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
@@ -52,15 +61,44 @@ impl InstanceInfo {
     }
 }
 
-#[derive(Debug, Clone)]
+/// A value and when it was learnt.
+type Cached<T> = Mutex<HashMap<String, (T, Instant)>>;
+
+fn cached<T: Clone>(cache: &Cached<T>, key: &str) -> Option<T> {
+    let cache = cache
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    cache
+        .get(key)
+        .filter(|(_, at)| at.elapsed() < CACHE_TTL)
+        .map(|(v, _)| v.clone())
+}
+
+fn remember<T>(cache: &Cached<T>, key: &str, value: T) {
+    let mut cache = cache
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    cache.retain(|_, (_, at)| at.elapsed() < CACHE_TTL);
+    cache.insert(key.to_owned(), (value, Instant::now()));
+}
+
+#[derive(Debug)]
 pub struct Resolver {
     ec2: aws_sdk_ec2::Client,
     asg: aws_sdk_autoscaling::Client,
+    instances: Cached<InstanceInfo>,
+    /// Whether a group carries the managed tag.
+    groups: Cached<bool>,
 }
 
 impl Resolver {
     pub fn new(ec2: aws_sdk_ec2::Client, asg: aws_sdk_autoscaling::Client) -> Self {
-        Self { ec2, asg }
+        Self {
+            ec2,
+            asg,
+            instances: Mutex::default(),
+            groups: Mutex::default(),
+        }
     }
 
     /// Does the instance, or its Auto Scaling group, carry the managed tag? The group is asked
@@ -76,6 +114,9 @@ impl Resolver {
         let Some(group) = instance.tags.get(ASG_NAME_TAG) else {
             return Ok(false);
         };
+        if let Some(managed) = cached(&self.groups, group) {
+            return Ok(managed);
+        }
         let filter = |name: &str, value: &str| {
             aws_sdk_autoscaling::types::Filter::builder()
                 .name(name)
@@ -94,13 +135,19 @@ impl Resolver {
                 group: group.clone(),
                 message: aws_sdk_autoscaling::error::DisplayErrorContext(error).to_string(),
             })?;
-        Ok(tags.tags().iter().any(|t| t.key() == Some(tag)))
+        let managed = tags.tags().iter().any(|t| t.key() == Some(tag));
+        remember(&self.groups, group, managed);
+        Ok(managed)
     }
 
     /// `None` when EC2 does not know the instance (it terminated more than an hour ago, or
     /// the event came from another account or region): nothing to act on, and no retry helps.
     #[instrument(skip(self))]
     pub async fn describe(&self, instance_id: &str) -> Result<Option<InstanceInfo>, ResolveError> {
+        if let Some(info) = cached(&self.instances, instance_id) {
+            debug!("instance known from an earlier event");
+            return Ok(Some(info));
+        }
         let output = match self
             .ec2
             .describe_instances()
@@ -125,7 +172,7 @@ impl Resolver {
             .iter()
             .flat_map(|r| r.instances())
             .find(|i| i.instance_id() == Some(instance_id));
-        Ok(instance.map(|i| InstanceInfo {
+        let info = instance.map(|i| InstanceInfo {
             instance_id: instance_id.to_owned(),
             availability_zone: i
                 .placement()
@@ -145,7 +192,11 @@ impl Resolver {
                     ))
                 })
                 .collect(),
-        }))
+        });
+        if let Some(info) = &info {
+            remember(&self.instances, instance_id, info.clone());
+        }
+        Ok(info)
     }
 }
 

@@ -87,6 +87,18 @@ impl LambdaProcess {
             .clone()
     }
 
+    /// Waits (a little) until a line satisfying `wanted` has been read: the process writes a
+    /// line before it answers the Runtime API, but the pipe is read concurrently.
+    pub async fn wait_for_line(&self, wanted: impl Fn(&str) -> bool) -> bool {
+        for _ in 0..50 {
+            if self.output().iter().any(|l| wanted(l)) {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        false
+    }
+
     /// The lines that are JSON log records.
     pub fn log_records(&self) -> Vec<Value> {
         self.output()

@@ -643,9 +643,8 @@ async fn dry_run_writes_nothing_to_kubernetes_or_auto_scaling() -> anyhow::Resul
     assert!(sandbox.aws.calls().is_empty(), "no lifecycle call");
     let logged = sandbox
         .lambda
-        .output()
-        .iter()
-        .any(|l| l.contains("would complete lifecycle action"));
+        .wait_for_line(|l| l.contains("would complete lifecycle action"))
+        .await;
     assert!(logged, "the planned completion is logged");
     Ok(())
 }

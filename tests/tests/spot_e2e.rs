@@ -143,9 +143,10 @@ async fn unknown_detail_type_succeeds_with_a_logged_skip() -> anyhow::Result<()>
         .is_some_and(|s| s.contains("EC2 AMI State Change")));
     let logged = sandbox
         .lambda
-        .log_records()
-        .iter()
-        .any(|r| r["fields"]["message"] == "event skipped" || r["message"] == "event skipped");
+        .wait_for_line(|l| {
+            serde_json::from_str::<Value>(l).is_ok_and(|r| r["message"] == "event skipped")
+        })
+        .await;
     assert!(logged, "skip is logged: {:?}", sandbox.lambda.output());
     assert!(
         sandbox.kube.requests().is_empty(),
@@ -192,5 +193,100 @@ async fn load_balancer_label_out_of_service_taint_and_exclusions_when_configured
         "excluded pods stay: {left:?}"
     );
     assert_eq!(left.iter().filter(|n| n.starts_with("web-")).count(), 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_carry_the_context_metrics_are_emf_and_no_secret_is_logged() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start(&[("LOG_LEVEL", "debug")]).await?;
+    let outcome = sandbox.invoke(sandbox.spot_event("obs-1")).await?;
+    assert!(matches!(outcome, Outcome::Response(_)), "{outcome:?}");
+    assert!(
+        sandbox
+            .lambda
+            .wait_for_line(|l| l.contains("\"_aws\""))
+            .await,
+        "metrics line written"
+    );
+    let records = sandbox.lambda.log_records();
+
+    // One EMF document for the invocation, with every declared metric present.
+    let emf: Vec<&Value> = records.iter().filter(|r| r.get("_aws").is_some()).collect();
+    assert_eq!(emf.len(), 1, "one metrics line per invocation");
+    let doc = emf[0];
+    let directive = &doc["_aws"]["CloudWatchMetrics"][0];
+    assert_eq!(directive["Namespace"], "NodeTerminationHandler");
+    assert!(doc["_aws"]["Timestamp"]
+        .as_i64()
+        .is_some_and(|t| t > 1_700_000_000_000));
+    for metric in directive["Metrics"].as_array().expect("metrics") {
+        assert!(
+            doc.get(metric["Name"].as_str().expect("name")).is_some(),
+            "{metric}"
+        );
+    }
+    assert_eq!(doc["Kind"], "spot-interruption");
+    assert_eq!(doc["PodsEvicted"], 8);
+    assert_eq!(doc["NodesDrained"], 1);
+    assert_eq!(doc["Errors"], 0);
+    assert!(doc["EventToCordon"][0]
+        .as_u64()
+        .is_some_and(|ms| ms < 60_000));
+
+    // Every line logged while handling the interruption names it.
+    let inside: Vec<&Value> = records
+        .iter()
+        .filter(|r| {
+            r["spans"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|s| s["name"] == "interruption"))
+        })
+        .collect();
+    assert!(inside.len() >= 3, "{records:?}");
+    for record in inside {
+        let span = record["spans"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["name"] == "interruption"))
+            .expect("span");
+        for field in ["event_id", "kind", "instance_id", "cluster"] {
+            assert!(span[field].is_string(), "{field} missing in {record}");
+        }
+    }
+
+    // No credential ever reaches the log.
+    let output = sandbox.lambda.output().join("\n");
+    for secret in [
+        "k8s-aws-v1.",
+        nth_tests::TEST_SECRET_KEY,
+        nth_tests::TEST_SESSION_TOKEN,
+        "X-Amz-Signature",
+    ] {
+        assert!(!output.contains(secret), "{secret} leaked into the logs");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_event_still_counts_an_error_metric() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start(&[]).await?;
+    let mut event = sandbox.spot_event("bad-metrics");
+    event["detail"] = json!({});
+    let _ = sandbox.invoke(event).await?;
+    assert!(
+        sandbox
+            .lambda
+            .wait_for_line(|l| l.contains("\"_aws\""))
+            .await,
+        "metrics line written"
+    );
+    let emf: Vec<Value> = sandbox
+        .lambda
+        .log_records()
+        .into_iter()
+        .filter(|r| r.get("_aws").is_some())
+        .collect();
+    assert_eq!(emf.len(), 1);
+    assert_eq!(emf[0]["Errors"], 1);
+    assert_eq!(emf[0]["ErrorStages"], json!(["parse"]));
     Ok(())
 }
