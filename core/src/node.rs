@@ -222,12 +222,26 @@ impl NodeMarker {
 
     /// Uncordons and untaints a node that nth cordoned because its instance stopped. A node
     /// cordoned by anyone else, or by nth for another reason, is left as it is.
-    #[instrument(skip_all, fields(node = node.metadata.name.as_deref().unwrap_or_default()))]
     pub async fn restore(&self, node: &Node) -> Result<RestoreOutcome, NodeError> {
+        self.restore_kind(node, InterruptionKind::InstanceStopping, true)
+            .await
+    }
+
+    /// Takes back what nth did to a node for an interruption of `kind` whose instance stays
+    /// (a stop that ended, a maintenance reboot that happened or was cancelled): the kind's
+    /// taint and nth's annotations go, and the cordon too when `uncordon`. `uncordon` is false
+    /// when someone else had cordoned the node before nth marked it: their cordon stays. A
+    /// node nth marked for another kind (or not at all) is left as it is.
+    #[instrument(skip_all, fields(node = node.metadata.name.as_deref().unwrap_or_default(), kind = %kind))]
+    pub async fn restore_kind(
+        &self,
+        node: &Node,
+        kind: InterruptionKind,
+        uncordon: bool,
+    ) -> Result<RestoreOutcome, NodeError> {
         let name = node.metadata.name.clone().unwrap_or_default();
-        let stopped = InterruptionKind::InstanceStopping;
-        if annotation(node, &self.policy.kind_annotation()) != Some(stopped.as_str()) {
-            info!(node = %name, "node was not cordoned by nth for a stop; leaving it alone");
+        if annotation(node, &self.policy.kind_annotation()) != Some(kind.as_str()) {
+            info!(node = %name, "node was not marked by nth for this kind; leaving it alone");
             return Ok(RestoreOutcome::NotOurs);
         }
         let mut patch = json!({
@@ -237,10 +251,12 @@ impl NodeMarker {
                 self.policy.drained_annotation(): null,
             }},
             "spec": {
-                "unschedulable": null,
-                "taints": [{"key": self.policy.taint_key(stopped), "$patch": "delete"}],
+                "taints": [{"key": self.policy.taint_key(kind), "$patch": "delete"}],
             },
         });
+        if uncordon {
+            patch["spec"]["unschedulable"] = serde_json::Value::Null;
+        }
         if self.policy.exclude_from_load_balancers {
             patch["metadata"]["labels"] = json!({ EXCLUDE_LB_LABEL: null });
         }
@@ -252,7 +268,7 @@ impl NodeMarker {
         if !self.patch(&name, patch).await? {
             return Ok(RestoreOutcome::DryRun);
         }
-        info!(node = %name, "node uncordoned and untainted after its instance came back");
+        info!(node = %name, uncordon, "node restored: nth's taint and annotations removed");
         Ok(RestoreOutcome::Restored)
     }
 
