@@ -13,5 +13,5 @@ pub mod policy;
 pub use drain::{DrainDeadline, DrainError, DrainReport, DrainSettings, Drainer};
 pub use events::{Interruption, InterruptionKind, LifecycleAction};
 pub use node::{MarkOutcome, NodeError, NodeMarker, RestoreOutcome};
-pub use notify::{EventType, NodeEvents};
+pub use notify::{EventType, NodeEvents, Notice, Webhook, WebhookSettings};
 pub use policy::{Action, Disruption, Policy, Response, TaintEffect};

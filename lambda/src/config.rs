@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use std::collections::HashMap;
 
+use nth_core::notify::{Format, DEFAULT_TEMPLATE};
 use nth_core::policy::DEFAULT_PREFIX;
 use nth_core::{Disruption, DrainSettings, InterruptionKind, Policy, Response, TaintEffect};
 
@@ -58,6 +59,58 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     /// CloudWatch namespace of the EMF metrics; `None` (no metrics line) outside Lambda.
     pub metrics_namespace: Option<String>,
+    pub webhook: Option<WebhookConfig>,
+}
+
+/// Where the webhook URL comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WebhookUrl {
+    /// WEBHOOK_URL, given directly.
+    Plain(String),
+    /// WEBHOOK_URL_SECRET_ARN: read from Secrets Manager when the container starts.
+    Secret(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    pub url: WebhookUrl,
+    pub headers: Vec<(String, String)>,
+    pub format: Format,
+    pub template: String,
+}
+
+fn webhook(get: &impl Fn(&str) -> Option<String>) -> Result<Option<WebhookConfig>, ConfigError> {
+    let url = match (get("WEBHOOK_URL"), get("WEBHOOK_URL_SECRET_ARN")) {
+        (Some(url), _) => WebhookUrl::Plain(url),
+        (None, Some(arn)) => WebhookUrl::Secret(arn),
+        (None, None) => return Ok(None),
+    };
+    let headers = match get("WEBHOOK_HEADERS") {
+        Some(value) => {
+            let parsed: HashMap<String, String> =
+                serde_json::from_str(&value).map_err(|e| ConfigError::Invalid {
+                    name: "WEBHOOK_HEADERS",
+                    value: "(hidden: may hold a credential)".into(),
+                    why: format!("expected a JSON object of strings: {e}"),
+                })?;
+            parsed.into_iter().collect()
+        }
+        None => Vec::new(),
+    };
+    let format = match get("WEBHOOK_FORMAT") {
+        Some(value) => value.parse().map_err(|why| ConfigError::Invalid {
+            name: "WEBHOOK_FORMAT",
+            value,
+            why,
+        })?,
+        None => Format::Json,
+    };
+    Ok(Some(WebhookConfig {
+        url,
+        headers,
+        format,
+        template: get("WEBHOOK_TEMPLATE").unwrap_or_else(|| DEFAULT_TEMPLATE.to_owned()),
+    }))
 }
 
 impl Config {
@@ -152,6 +205,7 @@ impl Config {
             drain,
             managed_tag,
             heartbeat_interval,
+            webhook: webhook(&get)?,
             metrics_namespace: Some(
                 get("METRICS_NAMESPACE")
                     .unwrap_or_else(|| crate::metrics::DEFAULT_NAMESPACE.to_owned()),
@@ -371,6 +425,28 @@ mod tests {
             .expect_err("bad pair")
             .to_string()
             .contains("EXCLUDE_POD_LABELS"));
+    }
+
+    #[test]
+    fn webhook_settings_parse_and_hide_header_values_in_errors() {
+        let mut vars = CLUSTER.to_vec();
+        vars.push((
+            "WEBHOOK_URL_SECRET_ARN",
+            "arn:aws:secretsmanager:us-east-1:1:secret:hook",
+        ));
+        vars.push(("WEBHOOK_FORMAT", "slack"));
+        let c = config(&vars).expect("valid");
+        let hook = c.webhook.expect("configured");
+        assert_eq!(hook.format, Format::Slack);
+        assert!(matches!(hook.url, WebhookUrl::Secret(_)));
+        let mut vars = CLUSTER.to_vec();
+        vars.push(("WEBHOOK_URL", "https://hooks.example/x"));
+        vars.push(("WEBHOOK_HEADERS", "Authorization: Bearer s3cr3t"));
+        let err = config(&vars).expect_err("not JSON").to_string();
+        assert!(
+            err.contains("WEBHOOK_HEADERS") && !err.contains("s3cr3t"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ use nth_core::node::{node_is_ready, provider_id_matches};
 use nth_core::NodeError;
 use nth_core::{
     Action, DrainReport, Drainer, EventType, Interruption, MarkOutcome, NodeEvents, NodeMarker,
-    Policy, RestoreOutcome,
+    Notice, Policy, RestoreOutcome, Webhook,
 };
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -122,6 +122,14 @@ pub struct Handler {
     pub events: NodeEvents,
     /// Where EMF metrics go; `None` outside Lambda.
     pub metrics_namespace: Option<String>,
+    pub webhook: Option<Webhook>,
+}
+
+/// Waits for a background webhook notice; its own timeouts bound the wait.
+async fn finish_notice(handle: Option<tokio::task::JoinHandle<()>>) {
+    if let Some(handle) = handle {
+        let _sent_or_logged = handle.await;
+    }
 }
 
 /// A step that failed, for the invocation's error and the error metric.
@@ -371,7 +379,9 @@ impl Handler {
             .marker
             .mark(&node, interruption, taint.as_deref(), *cordon, *drain)
             .await?;
+        let mut cordon_notice = None;
         if marked == MarkOutcome::Marked {
+            cordon_notice = self.notify(self.notice(interruption, &node_name, &action.name()));
             result.cordoned_after_ms =
                 u64::try_from((Utc::now() - interruption.event_time).num_milliseconds()).ok();
             let message = format!(
@@ -395,6 +405,7 @@ impl Handler {
                 .await;
         }
         if !drain {
+            finish_notice(cordon_notice).await;
             return Ok(Step::Done(
                 match marked {
                     MarkOutcome::Marked => "marked",
@@ -445,8 +456,41 @@ impl Handler {
             }
             "drain-incomplete"
         };
+        finish_notice(cordon_notice).await;
+        finish_notice(self.notify(Notice {
+            outcome: Some(outcome.to_owned()),
+            evicted: Some(report.evicted.len()),
+            left: Some(report.left.len()),
+            ..self.notice(interruption, &node_name, &format!("drain {outcome}"))
+        }))
+        .await;
         result.drain = Some(report);
         Ok(Step::Done(outcome.into()))
+    }
+
+    fn notice(&self, interruption: &Interruption, node: &str, description: &str) -> Notice {
+        Notice {
+            event_id: interruption.id.clone(),
+            kind: interruption.kind.to_string(),
+            instance_id: interruption.instance_id.clone(),
+            node: node.to_owned(),
+            cluster: self.cluster_name.clone(),
+            start_time: interruption.event_time,
+            description: description.to_owned(),
+            outcome: None,
+            evicted: None,
+            left: None,
+        }
+    }
+
+    /// Sends a webhook notice in the background, so that a slow receiver never holds up
+    /// the drain; the handle is awaited before the invocation ends (Lambda freezes what is
+    /// still running when it answers).
+    fn notify(&self, notice: Notice) -> Option<tokio::task::JoinHandle<()>> {
+        let hook = self.webhook.clone()?;
+        Some(tokio::spawn(
+            async move { hook.send(&notice).await }.instrument(tracing::Span::current()),
+        ))
     }
 
     /// The drain's outcome as a Kubernetes Event on the node.

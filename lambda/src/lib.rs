@@ -8,14 +8,15 @@ pub mod handler;
 pub mod lifecycle;
 pub mod metrics;
 pub mod resolve;
+pub mod secret;
 pub mod token;
 
 use std::sync::Arc;
 
 use aws_config::BehaviorVersion;
-use nth_core::{Drainer, NodeEvents, NodeMarker};
+use nth_core::{Drainer, NodeEvents, NodeMarker, Webhook, WebhookSettings};
 
-use crate::config::{ClusterAccess, Config};
+use crate::config::{ClusterAccess, Config, WebhookUrl};
 use crate::handler::Handler;
 use crate::lifecycle::Lifecycle;
 use crate::resolve::Resolver;
@@ -29,6 +30,10 @@ pub enum SetupError {
     NoCredentials,
     #[error(transparent)]
     Cluster(#[from] cluster::ClusterError),
+    #[error(transparent)]
+    Secret(#[from] secret::SecretError),
+    #[error("building the webhook client: {0}")]
+    Webhook(#[source] std::io::Error),
 }
 
 /// Builds the AWS and Kubernetes clients. AWS settings come from the environment as every
@@ -51,6 +56,23 @@ pub async fn build_handler(config: Config) -> Result<Handler, SetupError> {
         ClusterAccess::Kubeconfig(path) => cluster::kubeconfig_client(path).await?,
     };
     let asg = aws_sdk_autoscaling::Client::new(&aws);
+    let webhook = match config.webhook {
+        Some(hook) => {
+            let url = match hook.url {
+                WebhookUrl::Plain(url) => url,
+                WebhookUrl::Secret(arn) => secret::webhook_url(&aws, &arn).await?,
+            };
+            let settings = WebhookSettings {
+                url,
+                headers: hook.headers,
+                format: hook.format,
+                template: hook.template,
+                timeout: nth_core::notify::DEFAULT_TIMEOUT,
+            };
+            Some(Webhook::new(settings).map_err(SetupError::Webhook)?)
+        }
+        None => None,
+    };
     Ok(Handler {
         cluster_name: config.cluster_name,
         managed_tag: config.managed_tag,
@@ -58,6 +80,7 @@ pub async fn build_handler(config: Config) -> Result<Handler, SetupError> {
         marker: NodeMarker::new(client.clone(), config.policy.clone()),
         events: NodeEvents::new(client.clone(), config.policy.dry_run),
         metrics_namespace: config.metrics_namespace,
+        webhook,
         drainer: Drainer::new(client, config.drain),
         lifecycle: Lifecycle::new(asg, config.policy.dry_run, config.heartbeat_interval),
         policy: config.policy,

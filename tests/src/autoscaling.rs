@@ -46,8 +46,8 @@ pub struct LifecycleCall {
 struct Inner {
     pending: Vec<PendingAction>,
     calls: Vec<LifecycleCall>,
-    /// Every AWS API action seen, in order (for round-trip counting).
-    actions: Vec<String>,
+    /// Every AWS API action seen, in order, with its arrival (for round-trip counting).
+    actions: Vec<(Instant, String)>,
 }
 
 #[derive(Clone)]
@@ -119,7 +119,21 @@ impl AwsFront {
 
     /// Every AWS API action the function called, in order.
     pub fn actions(&self) -> Vec<String> {
-        lock(&self.inner).actions.clone()
+        lock(&self.inner)
+            .actions
+            .iter()
+            .map(|(_, a)| a.clone())
+            .collect()
+    }
+
+    /// The AWS API actions called at or after `since`.
+    pub fn actions_since(&self, since: Instant) -> Vec<String> {
+        lock(&self.inner)
+            .actions
+            .iter()
+            .filter(|(at, _)| *at >= since)
+            .map(|(_, a)| a.clone())
+            .collect()
     }
 }
 
@@ -156,7 +170,9 @@ async fn handle(
             .map(|(_, v)| v.clone())
     };
     let action = field("Action").unwrap_or_default();
-    lock(&state.inner).actions.push(action.clone());
+    lock(&state.inner)
+        .actions
+        .push((Instant::now(), action.clone()));
     if action == "CompleteLifecycleAction" || action == "RecordLifecycleActionHeartbeat" {
         return lifecycle(&state, &action, &field);
     }

@@ -15,6 +15,7 @@ pub mod process;
 pub mod runtime_api;
 pub mod sandbox;
 pub mod tls;
+pub mod webhook;
 
 use std::path::PathBuf;
 

@@ -230,3 +230,31 @@ impl Moto {
         })
     }
 }
+
+impl Moto {
+    /// A Secrets Manager secret holding `value`, created with one raw JSON call (moto routes
+    /// by the credential scope and does not check signatures); returns its ARN.
+    pub async fn create_secret(&self, name: &str, value: &str) -> anyhow::Result<String> {
+        use http_body_util::{BodyExt, Full};
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<Full<bytes::Bytes>>();
+        let day = chrono::Utc::now().format("%Y%m%d");
+        let body = serde_json::json!({"Name": name, "SecretString": value}).to_string();
+        let request = http::Request::post(format!("{}/", self.endpoint))
+            .header("content-type", "application/x-amz-json-1.1")
+            .header("x-amz-target", "secretsmanager.CreateSecret")
+            .header(
+                "authorization",
+                format!("AWS4-HMAC-SHA256 Credential={TEST_ACCESS_KEY}/{day}/{TEST_REGION}/secretsmanager/aws4_request, SignedHeaders=host, Signature=0"),
+            )
+            .body(Full::new(bytes::Bytes::from(body)))?;
+        let response = client.request(request).await.context("moto CreateSecret")?;
+        let bytes = response.into_body().collect().await?.to_bytes();
+        let answer: serde_json::Value = serde_json::from_slice(&bytes)?;
+        answer["ARN"]
+            .as_str()
+            .map(str::to_owned)
+            .with_context(|| format!("moto CreateSecret answered {answer}"))
+    }
+}

@@ -592,9 +592,11 @@ fn watch_pods(
             let existing = world
                 .pods
                 .values()
-                .map(|p| WatchChange {
-                    kind: "ADDED",
-                    object: p.clone(),
+                .map(|p| {
+                    Arc::new(WatchChange {
+                        kind: "ADDED",
+                        object: p.clone(),
+                    })
                 })
                 .collect();
             (existing, receiver)

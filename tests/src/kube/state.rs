@@ -3,6 +3,7 @@
 //! controller that replaces evicted pods on another node.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{SecondsFormat, Utc};
@@ -59,7 +60,7 @@ pub struct WatchChange {
 }
 
 /// Live pod changes, with the resourceVersion each happened at.
-pub type ChangeReceiver = tokio::sync::broadcast::Receiver<(u64, WatchChange)>;
+pub type ChangeReceiver = tokio::sync::broadcast::Receiver<(u64, Arc<WatchChange>)>;
 
 /// How many pod changes a watch can resume from, like the API server's watch cache.
 const WATCH_HISTORY: usize = 20_000;
@@ -105,8 +106,9 @@ pub struct World {
     pub record: Record,
     resource_version: u64,
     uid_counter: u64,
-    history: VecDeque<(u64, WatchChange)>,
-    changes: tokio::sync::broadcast::Sender<(u64, WatchChange)>,
+    /// Shared, not copied: every watcher of a busy cluster sees every change.
+    history: VecDeque<(u64, Arc<WatchChange>)>,
+    changes: tokio::sync::broadcast::Sender<(u64, Arc<WatchChange>)>,
 }
 
 pub fn now_rfc3339() -> String {
@@ -187,18 +189,21 @@ impl World {
 
     /// Publishes a pod change to watchers, at the current resourceVersion.
     fn pod_changed(&mut self, kind: &'static str, pod: Value) {
-        let change = WatchChange { kind, object: pod };
+        let change = Arc::new(WatchChange { kind, object: pod });
         let rv = self.resource_version;
         if self.history.len() == WATCH_HISTORY {
             self.history.pop_front();
         }
-        self.history.push_back((rv, change.clone()));
+        self.history.push_back((rv, Arc::clone(&change)));
         let _no_watchers = self.changes.send((rv, change));
     }
 
     /// Changes after `resource_version` and a receiver for those to come, taken together so
     /// none is missed; `None` when the history no longer reaches back that far (410 Gone).
-    pub fn watch_from(&self, resource_version: u64) -> Option<(Vec<WatchChange>, ChangeReceiver)> {
+    pub fn watch_from(
+        &self,
+        resource_version: u64,
+    ) -> Option<(Vec<Arc<WatchChange>>, ChangeReceiver)> {
         let oldest = self
             .history
             .front()

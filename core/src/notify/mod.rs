@@ -1,0 +1,7 @@
+//! Telling people what happened: Kubernetes Events on the node, and webhook messages.
+
+mod events;
+mod webhook;
+
+pub use events::{EventType, NodeEvents, COMPONENT};
+pub use webhook::{Format, Notice, Webhook, WebhookSettings, DEFAULT_TEMPLATE, DEFAULT_TIMEOUT};
