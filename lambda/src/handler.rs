@@ -3,6 +3,7 @@
 use chrono::{DateTime, TimeDelta, Utc};
 use std::time::Duration;
 
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use nth_core::drain::DrainDeadline;
 use nth_core::node::{node_is_ready, provider_id_matches};
@@ -13,7 +14,7 @@ use nth_core::{
 };
 use serde::Serialize;
 use serde_json::{json, Value};
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::eventbridge::{self, EventError, Parsed};
 use crate::lifecycle::{Lifecycle, LifecycleError, CONTINUE};
@@ -28,6 +29,10 @@ const POD_STOP_MARGIN: TimeDelta = TimeDelta::seconds(15);
 /// Kept free at the end of an invocation to log the report and answer the Runtime API;
 /// a handler killed by its timeout reports nothing.
 const INVOCATION_MARGIN: TimeDelta = TimeDelta::seconds(3);
+
+/// Interruptions of one event handled at once: every one of a Health event's instances gets
+/// going quickly without a thousand-instance event opening a thousand connections.
+const INTERRUPTIONS_AT_ONCE: usize = 16;
 
 /// Between two looks for a launching instance's node: a node takes a minute or more to
 /// join, so a few seconds of lag cost nothing, and one GET per poll is all it costs.
@@ -113,6 +118,9 @@ pub fn explain(event: &Value, policy: &Policy) -> Result<Value, EventError> {
 #[derive(Debug)]
 pub struct Handler {
     pub cluster_name: String,
+    /// The region the function runs in; events from another region name instances it
+    /// cannot see (EventBridge delivers them only through a cross-region rule).
+    pub region: String,
     pub policy: Policy,
     pub managed_tag: Option<String>,
     pub resolver: Resolver,
@@ -180,6 +188,19 @@ impl Handler {
                 return Err(error.into());
             }
         };
+        let event_region = event
+            .get("region")
+            .and_then(Value::as_str)
+            .filter(|r| !r.is_empty());
+        let parsed = match (parsed, event_region) {
+            (Parsed::Interruptions(_), Some(region)) if region != self.region => {
+                Parsed::Skipped(format!(
+                    "event from region {region}; this function serves {}",
+                    self.region
+                ))
+            }
+            (parsed, _) => parsed,
+        };
         let interruptions = match parsed {
             Parsed::Skipped(reason) => {
                 warn!(%reason, "event skipped");
@@ -201,8 +222,9 @@ impl Handler {
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_owned();
-        // Interruptions of one event are independent: handle them side by side.
-        let handled = futures::future::join_all(interruptions.iter().map(|interruption| {
+        // Interruptions of one event are independent: handle them side by side, a bounded
+        // number at a time (a Health event may name many instances).
+        let handled: Vec<_> = futures::stream::iter(interruptions.iter().map(|interruption| {
             let span = info_span!(
                 "interruption",
                 event_id = %interruption.id,
@@ -214,6 +236,8 @@ impl Handler {
             self.handle_one(interruption, invocation_end)
                 .instrument(span)
         }))
+        .buffer_unordered(INTERRUPTIONS_AT_ONCE)
+        .collect()
         .await;
         let mut results = Vec::new();
         let mut failures = Vec::new();
@@ -589,10 +613,17 @@ enum Step {
     DrainFailed(String),
 }
 
+/// When the drain must end. An instance end already in the past (an old event retried from
+/// the dead-letter queue, a skewed clock) says nothing reliable about the instance: the drain
+/// then runs as if the end were unknown, instead of killing every pod with no grace.
 fn drain_deadline(
     instance_end: Option<DateTime<Utc>>,
     invocation_end: DateTime<Utc>,
 ) -> DrainDeadline {
+    let instance_end = instance_end.filter(|end| *end > Utc::now());
+    if instance_end.is_none() {
+        debug!("no usable instance deadline; pods keep their own grace periods");
+    }
     let invocation_limit = invocation_end - INVOCATION_MARGIN;
     DrainDeadline {
         pods_stopped_by: instance_end.map(|end| end - POD_STOP_MARGIN),
@@ -618,6 +649,10 @@ mod tests {
             instance
         );
         assert_eq!(drain_deadline(None, long_invocation).pods_stopped_by, None);
+        // A deadline already past is ignored rather than turned into zero grace.
+        let stale = drain_deadline(Some(now - TimeDelta::hours(3)), long_invocation);
+        assert_eq!(stale.pods_stopped_by, None);
+        assert_eq!(stale.give_up_at, long_invocation - INVOCATION_MARGIN);
     }
 
     #[test]

@@ -41,6 +41,7 @@ pub enum SetupError {
 pub async fn build_handler(config: Config) -> Result<Handler, SetupError> {
     let aws = aws_config::defaults(BehaviorVersion::latest()).load().await;
     let region = aws.region().ok_or(SetupError::NoRegion)?.to_string();
+    let function_region = region.clone();
     let client = match &config.access {
         ClusterAccess::Eks { endpoint, ca_data } => {
             let credentials = aws
@@ -75,6 +76,7 @@ pub async fn build_handler(config: Config) -> Result<Handler, SetupError> {
     };
     Ok(Handler {
         cluster_name: config.cluster_name,
+        region: function_region,
         managed_tag: config.managed_tag,
         resolver: Resolver::new(aws_sdk_ec2::Client::new(&aws), asg.clone()),
         marker: NodeMarker::new(client.clone(), config.policy.clone()),

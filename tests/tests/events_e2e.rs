@@ -648,3 +648,33 @@ async fn dry_run_writes_nothing_to_kubernetes_or_auto_scaling() -> anyhow::Resul
     assert!(logged, "the planned completion is logged");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_from_another_region_or_long_past_are_handled_safely() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start(&[]).await?;
+    let mut foreign = sandbox.spot_event("rg-1");
+    foreign["region"] = json!("eu-west-1");
+    let r = response(sandbox.invoke(foreign).await?, &sandbox);
+    assert!(
+        r["skipped"]
+            .as_str()
+            .is_some_and(|s| s.contains("eu-west-1")),
+        "{r}"
+    );
+    assert!(sandbox.kube.requests().is_empty());
+
+    // A Spot warning redriven from the dead-letter queue hours later: the node is still
+    // drained, but pods keep their own grace instead of being killed at once.
+    let mut stale = sandbox.spot_event("old-1");
+    stale["time"] = json!((chrono::Utc::now() - chrono::Duration::hours(6)).to_rfc3339());
+    let r = response(sandbox.invoke(stale).await?, &sandbox);
+    assert_eq!(r["results"][0]["outcome"], "drained");
+    let graces: Vec<Option<i64>> = sandbox
+        .kube
+        .world(|w| w.record.evictions.iter().map(|e| e.grace_seconds).collect());
+    assert!(
+        !graces.is_empty() && graces.iter().all(Option::is_none),
+        "no grace clipped to zero: {graces:?}"
+    );
+    Ok(())
+}

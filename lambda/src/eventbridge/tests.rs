@@ -261,3 +261,121 @@ fn non_eventbridge_input_names_the_missing_envelope_field() {
     let err = parse(&json!({"hello": "world"})).expect_err("must fail");
     assert!(err.to_string().contains("detail-type"), "{err}");
 }
+
+/// A deterministic generator, so a failure reproduces.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+fn arbitrary(rng: &mut Rng, depth: usize) -> Value {
+    match rng.below(if depth > 3 { 5 } else { 7 }) {
+        0 => Value::Null,
+        1 => json!(rng.next() % 2 == 0),
+        2 => json!(rng.next() as i64),
+        3 => json!(
+            [
+                "",
+                "i-",
+                "i-0123456789abcdef0",
+                "2026-13-45T99:99:99Z",
+                "Mon, 32 Foo 2026",
+                "\u{0}\u{ffff}",
+                "x".repeat(10_000).as_str()
+            ][rng.below(7)]
+        ),
+        4 => json!(-1.5e308),
+        5 => Value::Array(
+            (0..rng.below(4))
+                .map(|_| arbitrary(rng, depth + 1))
+                .collect(),
+        ),
+        _ => Value::Object(
+            (0..rng.below(4))
+                .map(|i| (format!("k{i}"), arbitrary(rng, depth + 1)))
+                .collect(),
+        ),
+    }
+}
+
+/// Every path to a value in `v`, as JSON pointers.
+fn pointers(v: &Value, at: String, out: &mut Vec<String>) {
+    out.push(at.clone());
+    match v {
+        Value::Object(map) => map
+            .iter()
+            .for_each(|(k, c)| pointers(c, format!("{at}/{k}"), out)),
+        Value::Array(list) => list
+            .iter()
+            .enumerate()
+            .for_each(|(i, c)| pointers(c, format!("{at}/{i}"), out)),
+        _ => {}
+    }
+}
+
+/// Property: whatever is done to a real event (a field removed, replaced by any value,
+/// anything added), parsing never panics, and an error says which field is wrong.
+#[test]
+fn mutated_events_never_panic_and_errors_name_a_field() {
+    let samples = [
+        "spot-interruption-warning.json",
+        "rebalance-recommendation.json",
+        "asg-terminate-lifecycle-action.json",
+        "asg-launch-lifecycle-action.json",
+        "instance-state-change.json",
+        "aws-health-scheduled-change.json",
+    ];
+    let mut rng = Rng(0x5EED_1234_ABCD_0001);
+    let mut errors = 0;
+    for name in samples {
+        let original = sample(name);
+        let mut paths = Vec::new();
+        pointers(&original, String::new(), &mut paths);
+        for _ in 0..2_000 {
+            let mut event = original.clone();
+            for _ in 0..=rng.below(3) {
+                let path = &paths[rng.below(paths.len())];
+                let (parent, key) = path.rsplit_once('/').unwrap_or(("", ""));
+                let replacement = arbitrary(&mut rng, 0);
+                match (rng.below(3), event.pointer_mut(parent)) {
+                    (0, Some(Value::Object(map))) => {
+                        map.remove(key);
+                    }
+                    (1, Some(Value::Object(map))) => {
+                        map.insert(format!("extra{}", rng.below(9)), replacement);
+                    }
+                    (_, _) => {
+                        if let Some(slot) = event.pointer_mut(path) {
+                            *slot = replacement;
+                        }
+                    }
+                }
+            }
+            if let Err(error) = parse(&event) {
+                errors += 1;
+                let message = error.to_string();
+                let names_a_field = match &error {
+                    EventError::Envelope { path, .. } => !path.is_empty(),
+                    EventError::Malformed { path, .. } => {
+                        path == "id" || path == "time" || path.starts_with("detail")
+                    }
+                };
+                assert!(names_a_field, "{name}: error names no field: {message}");
+            }
+        }
+    }
+    assert!(
+        errors > 1_000,
+        "the mutations do reach the error paths ({errors} errors)"
+    );
+}
