@@ -281,7 +281,7 @@ impl Rng {
 fn arbitrary(rng: &mut Rng, depth: usize) -> Value {
     match rng.below(if depth > 3 { 5 } else { 7 }) {
         0 => Value::Null,
-        1 => json!(rng.next() % 2 == 0),
+        1 => json!(rng.next().is_multiple_of(2)),
         2 => json!(rng.next() as i64),
         3 => json!(
             [
