@@ -47,7 +47,7 @@ pub async fn webhook_url(aws: &aws_config::SdkConfig, arn: &str) -> Result<Strin
     let endpoint = aws
         .endpoint_url()
         .map(str::to_owned)
-        .unwrap_or_else(|| format!("https://secretsmanager.{region}.amazonaws.com"));
+        .unwrap_or_else(|| crate::token::regional_endpoint("secretsmanager", &region));
     let credentials = aws
         .credentials_provider()
         .ok_or_else(|| error("no AWS credentials".into()))?

@@ -39,13 +39,18 @@ pub enum TokenError {
     Sign { cluster: String, message: String },
 }
 
-/// STS's regional endpoint host; China regions live under their own domain.
-fn sts_host(region: &str) -> String {
+/// A service's regional endpoint host; China regions live under their own domain.
+fn regional_host(service: &str, region: &str) -> String {
     if region.starts_with("cn-") {
-        format!("sts.{region}.amazonaws.com.cn")
+        format!("{service}.{region}.amazonaws.com.cn")
     } else {
-        format!("sts.{region}.amazonaws.com")
+        format!("{service}.{region}.amazonaws.com")
     }
+}
+
+/// `https://` + [`regional_host`], for calls made without an SDK client.
+pub fn regional_endpoint(service: &str, region: &str) -> String {
+    format!("https://{}", regional_host(service, region))
 }
 
 /// Presigns GetCallerIdentity for `cluster` and wraps it as an EKS token.
@@ -73,8 +78,8 @@ pub fn presign_token(
         .map_err(|e| sign_error(e.to_string()))?
         .into();
     let url = format!(
-        "https://{}/?Action=GetCallerIdentity&Version=2011-06-15",
-        sts_host(region)
+        "{}/?Action=GetCallerIdentity&Version=2011-06-15",
+        regional_endpoint("sts", region)
     );
     let headers = [(CLUSTER_ID_HEADER, cluster)];
     let signable = SignableRequest::new("GET", &url, headers.into_iter(), SignableBody::Bytes(&[]))

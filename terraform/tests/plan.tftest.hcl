@@ -1,0 +1,212 @@
+# `terraform test` with a mocked AWS provider: plans the module without credentials or
+# network (Terraform 1.7 or later and the hashicorp/aws provider installed; scripts/check-deploy
+# runs it when a local provider mirror exists).
+
+mock_provider "aws" {
+  override_data {
+    target = data.aws_partition.current
+    values = { partition = "aws" }
+  }
+  override_data {
+    target = data.aws_caller_identity.current
+    values = { account_id = "123456789012" }
+  }
+  override_data {
+    target = data.aws_region.current
+    values = { name = "us-east-1" }
+  }
+}
+
+variables {
+  cluster_name     = "prod"
+  cluster_endpoint = "https://ABC.gr7.us-east-1.eks.amazonaws.com"
+  cluster_ca_data  = "LS0tLS1CRUdJTg=="
+  # Any existing file: a plan only hashes it.
+  lambda_zip_path = "tests/plan.tftest.hcl"
+}
+
+run "defaults" {
+  command = plan
+
+  assert {
+    condition     = length(aws_cloudwatch_event_rule.this) == 7
+    error_message = "every kind of event has its rule by default"
+  }
+  assert {
+    condition     = length(aws_lambda_permission.events) == 7 && length(aws_cloudwatch_event_target.this) == 7
+    error_message = "every rule has a target and a permission"
+  }
+  assert {
+    condition = alltrue([
+      for kind, p in aws_lambda_permission.events :
+      p.principal == "events.amazonaws.com" && p.action == "lambda:InvokeFunction"
+    ])
+    error_message = "permissions are for EventBridge only"
+  }
+  assert {
+    condition = jsondecode(aws_cloudwatch_event_rule.this["scheduled-change"].event_pattern) == {
+      source        = ["aws.health"]
+      "detail-type" = ["AWS Health Event"]
+      detail        = { service = ["EC2"], eventTypeCategory = ["scheduledChange"] }
+    }
+    error_message = "the Health rule is limited to EC2 scheduledChange"
+  }
+  assert {
+    condition     = !can(jsondecode(aws_cloudwatch_event_rule.this["terminate-lifecycle-action"].event_pattern).detail)
+    error_message = "with no group names, lifecycle rules match every group"
+  }
+  assert {
+    condition = aws_lambda_function.this.environment[0].variables == tomap({
+      CLUSTER_NAME                = "prod"
+      CLUSTER_ENDPOINT            = "https://ABC.gr7.us-east-1.eks.amazonaws.com"
+      CLUSTER_CA_DATA             = "LS0tLS1CRUdJTg=="
+      TAINT_PREFIX                = "node-termination-handler"
+      TAINT_EFFECT                = "NoSchedule"
+      DRY_RUN                     = "false"
+      REBALANCE_DRAIN             = "false"
+      MANAGED_TAG                 = "node-termination-handler/managed"
+      CHECK_MANAGED_TAG           = "true"
+      DRAIN_CONCURRENCY           = "16"
+      EVICTION_RETRY_SECONDS      = "5"
+      DRAIN_EMPTYDIR_PODS         = "true"
+      DRAIN_UNMANAGED_PODS        = "true"
+      EXCLUDE_FROM_LOAD_BALANCERS = "false"
+      OUT_OF_SERVICE_TAINT        = "false"
+      LOG_LEVEL                   = "info"
+      METRICS_NAMESPACE           = "NodeTerminationHandler"
+      WEBHOOK_FORMAT              = "json"
+    })
+    error_message = "the environment holds the defaults, optional settings left out"
+  }
+  assert {
+    condition = (
+      aws_lambda_function.this.runtime == "provided.al2023" &&
+      aws_lambda_function.this.architectures == tolist(["arm64"]) &&
+      aws_lambda_function.this.memory_size == 128 &&
+      aws_lambda_function.this.timeout == 900 &&
+      aws_lambda_function.this.reserved_concurrent_executions == -1 &&
+      aws_lambda_function.this.logging_config[0].log_format == "JSON" &&
+      length(aws_lambda_function.this.vpc_config) == 0
+    )
+    error_message = "function settings"
+  }
+  assert {
+    condition = (
+      aws_lambda_function_event_invoke_config.this.maximum_retry_attempts == 2 &&
+      aws_lambda_function_event_invoke_config.this.maximum_event_age_in_seconds == 21600 &&
+      aws_sqs_queue.dead_letter.sqs_managed_sse_enabled &&
+      aws_sqs_queue.dead_letter.message_retention_seconds == 1209600
+    )
+    error_message = "failed events are retried twice, then kept for 14 days"
+  }
+  assert {
+    condition     = data.aws_iam_policy_document.function.statement[1].resources == toset(["arn:aws:autoscaling:us-east-1:123456789012:autoScalingGroup:*:autoScalingGroupName/*"])
+    error_message = "lifecycle actions on every group of this account and region"
+  }
+  assert {
+    condition     = length(data.aws_iam_policy_document.function.statement) == 3
+    error_message = "no secret statement without a secret"
+  }
+  assert {
+    condition     = length(aws_iam_role_policy_attachment.vpc) == 0
+    error_message = "no VPC policy outside a VPC"
+  }
+  assert {
+    condition     = aws_eks_access_entry.function[0].kubernetes_groups == toset(["nth-node-termination-handler"]) && aws_eks_access_entry.function[0].type == "STANDARD"
+    error_message = "the access entry maps the role to the group deploy/rbac.yaml binds"
+  }
+}
+
+run "restricted_private_and_notifying" {
+  command = plan
+
+  variables {
+    architecture                    = "x86_64"
+    auto_scaling_group_names        = ["eks-workers-a", "eks-workers-b"]
+    subnet_ids                      = ["subnet-1", "subnet-2"]
+    security_group_ids              = ["sg-1"]
+    webhook_url_secret_arn          = "arn:aws:secretsmanager:us-east-1:123456789012:secret:nth-webhook-AbCdEf"
+    pod_termination_grace_period    = 30
+    exclude_namespaces              = ["kube-system", "nth"]
+    reserved_concurrent_executions  = 10
+    enable_rebalance_recommendation = false
+    create_access_entry             = false
+  }
+
+  assert {
+    condition = data.aws_iam_policy_document.function.statement[1].resources == toset([
+      "arn:aws:autoscaling:us-east-1:123456789012:autoScalingGroup:*:autoScalingGroupName/eks-workers-a",
+      "arn:aws:autoscaling:us-east-1:123456789012:autoScalingGroup:*:autoScalingGroupName/eks-workers-b",
+    ])
+    error_message = "lifecycle actions only on the named groups"
+  }
+  assert {
+    condition = jsondecode(aws_cloudwatch_event_rule.this["launch-lifecycle-action"].event_pattern).detail == {
+      AutoScalingGroupName = ["eks-workers-a", "eks-workers-b"]
+    }
+    error_message = "lifecycle rules match only the named groups"
+  }
+  assert {
+    condition     = length(aws_cloudwatch_event_rule.this) == 6 && !contains(keys(aws_cloudwatch_event_rule.this), "rebalance-recommendation")
+    error_message = "a disabled kind has no rule"
+  }
+  assert {
+    condition = (
+      data.aws_iam_policy_document.function.statement[3].actions == toset(["secretsmanager:GetSecretValue"]) &&
+      data.aws_iam_policy_document.function.statement[3].resources == toset(["arn:aws:secretsmanager:us-east-1:123456789012:secret:nth-webhook-AbCdEf"])
+    )
+    error_message = "the role reads exactly the webhook secret"
+  }
+  assert {
+    condition = (
+      aws_lambda_function.this.environment[0].variables["WEBHOOK_URL_SECRET_ARN"] == "arn:aws:secretsmanager:us-east-1:123456789012:secret:nth-webhook-AbCdEf" &&
+      aws_lambda_function.this.environment[0].variables["POD_TERMINATION_GRACE_PERIOD"] == "30" &&
+      aws_lambda_function.this.environment[0].variables["EXCLUDE_NAMESPACES"] == "kube-system,nth" &&
+      !contains(keys(aws_lambda_function.this.environment[0].variables), "EXCLUDE_POD_LABELS")
+    )
+    error_message = "optional settings reach the environment when set"
+  }
+  assert {
+    condition     = length(aws_iam_role_policy_attachment.vpc) == 1
+    error_message = "the VPC policy is attached in a VPC"
+  }
+  assert {
+    condition = (
+      aws_lambda_function.this.vpc_config[0].subnet_ids == toset(["subnet-1", "subnet-2"]) &&
+      aws_lambda_function.this.vpc_config[0].security_group_ids == toset(["sg-1"])
+    )
+    error_message = "the function runs in the given subnets"
+  }
+  assert {
+    condition     = aws_lambda_function.this.reserved_concurrent_executions == 10
+    error_message = "reserved concurrency follows the variable"
+  }
+  assert {
+    condition     = aws_lambda_function.this.architectures == tolist(["x86_64"])
+    error_message = "architecture follows the variable"
+  }
+  assert {
+    condition     = length(aws_eks_access_entry.function) == 0
+    error_message = "no access entry when create_access_entry is false"
+  }
+}
+
+run "subnets_need_security_groups" {
+  command = plan
+
+  variables {
+    subnet_ids = ["subnet-1"]
+  }
+
+  expect_failures = [aws_lambda_function.this]
+}
+
+run "taint_effect_is_checked" {
+  command = plan
+
+  variables {
+    taint_effect = "Sometimes"
+  }
+
+  expect_failures = [var.taint_effect]
+}

@@ -1,0 +1,317 @@
+# The same settings as template.yaml's parameters, in snake_case (scripts/check-deploy checks
+# that the two agree). Only name, tags and lambda_zip_path are Terraform's own.
+
+variable "name" {
+  description = "Name of the function, and prefix of the other resources' names."
+  type        = string
+  default     = "nth"
+}
+
+variable "tags" {
+  description = "Tags for every resource that takes them."
+  type        = map(string)
+  default     = {}
+}
+
+variable "lambda_zip_path" {
+  description = <<-EOT
+    The function's zip, as `cargo lambda build --release --output-format zip` writes it
+    (scripts/package). null means target/lambda/nth-lambda/bootstrap.zip at the root of this
+    repository. Build it for the same architecture as var.architecture.
+  EOT
+  type        = string
+  default     = null
+}
+
+# Cluster
+
+variable "cluster_name" {
+  description = "The EKS cluster whose nodes the function drains (CLUSTER_NAME)."
+  type        = string
+
+  validation {
+    condition     = length(var.cluster_name) > 0
+    error_message = "cluster_name is required."
+  }
+}
+
+variable "cluster_endpoint" {
+  description = "The API server URL: aws_eks_cluster's endpoint (CLUSTER_ENDPOINT)."
+  type        = string
+
+  validation {
+    condition     = startswith(var.cluster_endpoint, "https://")
+    error_message = "cluster_endpoint must be the https:// URL of the API server."
+  }
+}
+
+variable "cluster_ca_data" {
+  description = "The cluster CA, base64 PEM: aws_eks_cluster's certificate_authority[0].data (CLUSTER_CA_DATA)."
+  type        = string
+
+  validation {
+    condition     = length(var.cluster_ca_data) > 0
+    error_message = "cluster_ca_data is required."
+  }
+}
+
+variable "create_access_entry" {
+  description = "Create an EKS access entry mapping the function's role to the Kubernetes group nth-node-termination-handler (authentication mode API or API_AND_CONFIG_MAP). Bind the group with deploy/rbac.yaml."
+  type        = bool
+  default     = true
+}
+
+# Function
+
+variable "architecture" {
+  description = "The function's instruction set; the zip must be built for the same one."
+  type        = string
+  default     = "arm64"
+
+  validation {
+    condition     = contains(["arm64", "x86_64"], var.architecture)
+    error_message = "architecture must be arm64 or x86_64."
+  }
+}
+
+variable "memory_size" {
+  description = "Memory in MB."
+  type        = number
+  default     = 128
+
+  validation {
+    condition     = var.memory_size >= 128 && var.memory_size <= 256
+    error_message = "memory_size must be between 128 and 256."
+  }
+}
+
+variable "timeout" {
+  description = "Seconds an invocation may run; a drain waits for PodDisruptionBudgets up to the instance's deadline or this timeout."
+  type        = number
+  default     = 900
+
+  validation {
+    condition     = var.timeout >= 30 && var.timeout <= 900
+    error_message = "timeout must be between 30 and 900."
+  }
+}
+
+variable "reserved_concurrent_executions" {
+  description = "Reserved concurrency; null leaves it unset (the account's unreserved pool)."
+  type        = number
+  default     = null
+}
+
+variable "log_level" {
+  description = "A tracing filter, e.g. debug or info,nth_core=debug (LOG_LEVEL)."
+  type        = string
+  default     = "info"
+}
+
+variable "log_retention_in_days" {
+  description = "Days CloudWatch Logs keeps the function's log."
+  type        = number
+  default     = 30
+}
+
+# Behaviour
+
+variable "dry_run" {
+  description = "Log every write (PATCH, eviction, delete, lifecycle completion) instead of making it (DRY_RUN)."
+  type        = bool
+  default     = false
+}
+
+variable "taint_prefix" {
+  description = "Prefix of the taints and annotations nth writes (TAINT_PREFIX)."
+  type        = string
+  default     = "node-termination-handler"
+}
+
+variable "taint_effect" {
+  description = "Effect of the taint (TAINT_EFFECT)."
+  type        = string
+  default     = "NoSchedule"
+
+  validation {
+    condition     = contains(["NoSchedule", "PreferNoSchedule", "NoExecute"], var.taint_effect)
+    error_message = "taint_effect must be NoSchedule, PreferNoSchedule or NoExecute."
+  }
+}
+
+variable "rebalance_drain" {
+  description = "Drain on a rebalance recommendation, not only taint and cordon (REBALANCE_DRAIN)."
+  type        = bool
+  default     = false
+}
+
+variable "actions" {
+  description = "Optional per-kind overrides, kind=action,... e.g. instance-stopping=ignore (ACTIONS); empty keeps the defaults."
+  type        = string
+  default     = ""
+}
+
+variable "managed_tag" {
+  description = "The tag an instance, or its Auto Scaling group, must carry for nth to act on it (MANAGED_TAG)."
+  type        = string
+  default     = "node-termination-handler/managed"
+}
+
+variable "check_managed_tag" {
+  description = "Act only on instances carrying managed_tag (CHECK_MANAGED_TAG)."
+  type        = bool
+  default     = true
+}
+
+variable "drain_concurrency" {
+  description = "Evictions in flight at once (DRAIN_CONCURRENCY)."
+  type        = number
+  default     = 16
+}
+
+variable "eviction_retry_seconds" {
+  description = "Pause between evictions refused by a PodDisruptionBudget (EVICTION_RETRY_SECONDS)."
+  type        = number
+  default     = 5
+}
+
+variable "pod_termination_grace_period" {
+  description = "Grace period in seconds for every evicted pod, still clipped to the deadline; null keeps each pod's own (POD_TERMINATION_GRACE_PERIOD)."
+  type        = number
+  default     = null
+}
+
+variable "drain_empty_dir_pods" {
+  description = "Evict pods with emptyDir volumes (their scratch data is lost); false leaves them on the node (DRAIN_EMPTYDIR_PODS)."
+  type        = bool
+  default     = true
+}
+
+variable "drain_unmanaged_pods" {
+  description = "Evict pods no controller would recreate, as `kubectl drain --force`; false leaves them (DRAIN_UNMANAGED_PODS)."
+  type        = bool
+  default     = true
+}
+
+variable "exclude_namespaces" {
+  description = "Namespaces whose pods are never evicted (EXCLUDE_NAMESPACES)."
+  type        = list(string)
+  default     = []
+}
+
+variable "exclude_pod_labels" {
+  description = "key=value labels; pods carrying all of them are never evicted (EXCLUDE_POD_LABELS)."
+  type        = list(string)
+  default     = []
+}
+
+variable "exclude_from_load_balancers" {
+  description = "Label the node node.kubernetes.io/exclude-from-external-load-balancers when its drain begins (EXCLUDE_FROM_LOAD_BALANCERS)."
+  type        = bool
+  default     = false
+}
+
+variable "out_of_service_taint" {
+  description = "Taint a drained node whose instance is going away node.kubernetes.io/out-of-service, so volumes detach without waiting for the kubelet (OUT_OF_SERVICE_TAINT)."
+  type        = bool
+  default     = false
+}
+
+variable "lifecycle_heartbeat_seconds" {
+  description = "Seconds between lifecycle-action heartbeats while a lifecycle hook's drain runs; null keeps the default, 30 (LIFECYCLE_HEARTBEAT_SECONDS)."
+  type        = number
+  default     = null
+}
+
+variable "metrics_namespace" {
+  description = "CloudWatch namespace of the metrics the function logs in embedded metric format (METRICS_NAMESPACE)."
+  type        = string
+  default     = "NodeTerminationHandler"
+}
+
+variable "webhook_format" {
+  description = "Body of the webhook notifications: slack, teams, chime or json (WEBHOOK_FORMAT)."
+  type        = string
+  default     = "json"
+
+  validation {
+    condition     = contains(["slack", "teams", "chime", "json"], var.webhook_format)
+    error_message = "webhook_format must be slack, teams, chime or json."
+  }
+}
+
+variable "webhook_template" {
+  description = "Text of the webhook notifications; empty keeps the built-in one (WEBHOOK_TEMPLATE)."
+  type        = string
+  default     = ""
+}
+
+variable "webhook_url_secret_arn" {
+  description = "Full ARN of a Secrets Manager secret holding a webhook URL to notify; empty sends none (WEBHOOK_URL_SECRET_ARN). The role may read exactly this secret."
+  type        = string
+  default     = ""
+}
+
+# Events: one EventBridge rule per kind
+
+variable "enable_spot_interruption" {
+  description = "Rule for aws.ec2 EC2 Spot Instance Interruption Warning."
+  type        = bool
+  default     = true
+}
+
+variable "enable_rebalance_recommendation" {
+  description = "Rule for aws.ec2 EC2 Instance Rebalance Recommendation."
+  type        = bool
+  default     = true
+}
+
+variable "enable_instance_state_change" {
+  description = "Rule for aws.ec2 EC2 Instance State-change Notification (stopping, stopped, shutting-down, terminated, running)."
+  type        = bool
+  default     = true
+}
+
+variable "enable_capacity_reservation_interruption" {
+  description = "Rule for aws.ec2 EC2 Capacity Reservation Instance Interruption Warning."
+  type        = bool
+  default     = true
+}
+
+variable "enable_terminate_lifecycle_action" {
+  description = "Rule for aws.autoscaling EC2 Instance-terminate Lifecycle Action."
+  type        = bool
+  default     = true
+}
+
+variable "enable_launch_lifecycle_action" {
+  description = "Rule for aws.autoscaling EC2 Instance-launch Lifecycle Action."
+  type        = bool
+  default     = true
+}
+
+variable "enable_scheduled_change" {
+  description = "Rule for aws.health AWS Health Event, EC2 scheduledChange only."
+  type        = bool
+  default     = true
+}
+
+variable "auto_scaling_group_names" {
+  description = "Auto Scaling group names whose lifecycle actions nth handles and may complete; empty means every group in this account and region."
+  type        = list(string)
+  default     = []
+}
+
+# Network (private clusters)
+
+variable "subnet_ids" {
+  description = "Subnets for the function in a private cluster's VPC; empty runs it outside any VPC. Needs security_group_ids too."
+  type        = list(string)
+  default     = []
+}
+
+variable "security_group_ids" {
+  description = "Security groups for the function when subnet_ids is set."
+  type        = list(string)
+  default     = []
+}
