@@ -9,6 +9,7 @@ pub mod events;
 pub mod node;
 pub mod notify;
 pub mod policy;
+mod retry;
 
 pub use drain::{DrainDeadline, DrainError, DrainReport, DrainSettings, Drainer};
 pub use events::{Interruption, InterruptionKind, LifecycleAction};

@@ -8,6 +8,7 @@ use tracing::{info, instrument};
 
 use crate::events::{Interruption, InterruptionKind};
 use crate::policy::Policy;
+use crate::retry;
 
 /// Page size when a node must be found by listing: large enough that a 5,000-node cluster is
 /// a handful of requests, small enough that one page stays well inside a 128 MB Lambda.
@@ -118,9 +119,7 @@ impl NodeMarker {
     async fn find_by_listing(&self, instance_id: &str) -> Result<Option<Node>, NodeError> {
         let mut params = ListParams::default().limit(NODE_LIST_PAGE);
         loop {
-            let page = self
-                .nodes
-                .list(&params)
+            let page = retry::idempotent("list nodes", || self.nodes.list(&params))
                 .await
                 .map_err(|source| NodeError::List {
                     instance_id: instance_id.to_owned(),
@@ -171,15 +170,13 @@ impl NodeMarker {
             info!(node = %name, patch = %patch, "dry run: would patch node");
             return Ok(false);
         }
-        self.nodes
-            .patch(
-                name,
-                &PatchParams {
-                    field_manager: Some(FIELD_MANAGER.to_owned()),
-                    ..PatchParams::default()
-                },
-                &Patch::Strategic(&patch),
-            )
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.to_owned()),
+            ..PatchParams::default()
+        };
+        // A strategic-merge patch sets absolute values: applying it twice is applying it once.
+        let patch = Patch::Strategic(&patch);
+        retry::idempotent("patch node", || self.nodes.patch(name, &params, &patch))
             .await
             .map_err(|source| NodeError::Patch {
                 node: name.to_owned(),
@@ -190,8 +187,7 @@ impl NodeMarker {
 
     /// Reads a node by name; `None` when it does not exist.
     pub async fn get(&self, name: &str) -> Result<Option<Node>, NodeError> {
-        self.nodes
-            .get_opt(name)
+        retry::idempotent("get node", || self.nodes.get_opt(name))
             .await
             .map_err(|source| NodeError::Get {
                 node: name.to_owned(),

@@ -44,6 +44,8 @@ pub struct LifecycleCall {
 
 #[derive(Debug, Default)]
 struct Inner {
+    /// Actions to fail: (action, error code, times left).
+    faults: Vec<(String, String, usize)>,
     pending: Vec<PendingAction>,
     calls: Vec<LifecycleCall>,
     /// Every AWS API action seen, in order, with its arrival (for round-trip counting).
@@ -117,6 +119,14 @@ impl AwsFront {
         lock(&self.inner).calls.clone()
     }
 
+    /// Fails the next `times` calls of `action` with the EC2 error `code` (e.g.
+    /// RequestLimitExceeded, EC2's throttling answer).
+    pub fn fail(&self, action: &str, code: &str, times: usize) {
+        lock(&self.inner)
+            .faults
+            .push((action.to_owned(), code.to_owned(), times));
+    }
+
     /// Every AWS API action the function called, in order.
     pub fn actions(&self) -> Vec<String> {
         lock(&self.inner)
@@ -173,6 +183,29 @@ async fn handle(
     lock(&state.inner)
         .actions
         .push((Instant::now(), action.clone()));
+    let fault = {
+        let mut inner = lock(&state.inner);
+        inner
+            .faults
+            .iter_mut()
+            .find(|(a, _, times)| *a == action && *times > 0)
+            .map(|(_, code, times)| {
+                *times -= 1;
+                code.clone()
+            })
+    };
+    if let Some(code) = fault {
+        // EC2's error document; its throttling answer is a 503.
+        let body = format!(
+            "<Response><Errors><Error><Code>{code}</Code><Message>injected</Message></Error></Errors><RequestID>0</RequestID></Response>"
+        );
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [("content-type", "text/xml")],
+            body,
+        )
+            .into_response();
+    }
     if action == "CompleteLifecycleAction" || action == "RecordLifecycleActionHeartbeat" {
         return lifecycle(&state, &action, &field);
     }

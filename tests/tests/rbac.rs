@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use nth_tests::fixtures;
 use nth_tests::runtime_api::Outcome;
-use nth_tests::sandbox::{Sandbox, APP_NAMESPACE, MANAGED_TAG, CLUSTER};
+use nth_tests::sandbox::{Sandbox, APP_NAMESPACE, CLUSTER, MANAGED_TAG};
 use serde_json::{json, Value};
 
 /// The (resource, verb) a request needs, as the API server's authorizer sees it.
@@ -15,7 +15,11 @@ fn permission(method: &str, uri: &str) -> (String, String) {
     let (path, query) = uri.split_once('?').unwrap_or((uri, ""));
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     // /api/v1/<resource>[/<name>] or /api/v1/namespaces/<ns>/<resource>[/<name>[/<sub>]]
-    let rest: Vec<&str> = if parts.get(2) == Some(&"namespaces") { parts[4..].to_vec() } else { parts[2..].to_vec() };
+    let rest: Vec<&str> = if parts.get(2) == Some(&"namespaces") {
+        parts[4..].to_vec()
+    } else {
+        parts[2..].to_vec()
+    };
     let resource = match rest.as_slice() {
         [resource, _, sub] => format!("{resource}/{sub}"),
         [resource, ..] => (*resource).to_owned(),
@@ -36,10 +40,22 @@ fn permission(method: &str, uri: &str) -> (String, String) {
 
 #[test]
 fn permissions_are_read_like_the_authorizer_does() {
-    assert_eq!(permission("GET", "/api/v1/nodes/n1"), ("nodes".into(), "get".into()));
-    assert_eq!(permission("GET", "/api/v1/pods?fieldSelector=x&watch=true"), ("pods".into(), "watch".into()));
-    assert_eq!(permission("POST", "/api/v1/namespaces/a/pods/p/eviction"), ("pods/eviction".into(), "create".into()));
-    assert_eq!(permission("POST", "/api/v1/namespaces/default/events"), ("events".into(), "create".into()));
+    assert_eq!(
+        permission("GET", "/api/v1/nodes/n1"),
+        ("nodes".into(), "get".into())
+    );
+    assert_eq!(
+        permission("GET", "/api/v1/pods?fieldSelector=x&watch=true"),
+        ("pods".into(), "watch".into())
+    );
+    assert_eq!(
+        permission("POST", "/api/v1/namespaces/a/pods/p/eviction"),
+        ("pods/eviction".into(), "create".into())
+    );
+    assert_eq!(
+        permission("POST", "/api/v1/namespaces/default/events"),
+        ("events".into(), "create".into())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -47,7 +63,8 @@ async fn the_cluster_role_grants_exactly_what_the_function_uses() -> anyhow::Res
     let sandbox = Sandbox::start(&[]).await?;
     // A finished pod (deleted, not evicted) on the drained node.
     sandbox.kube.world(|w| {
-        let mut done = fixtures::replicaset_pod(APP_NAMESPACE, "job-1f2", 0, sandbox.node_name(), "job");
+        let mut done =
+            fixtures::replicaset_pod(APP_NAMESPACE, "job-1f2", 0, sandbox.node_name(), "job");
         done["status"] = json!({"phase": "Succeeded"});
         w.add_pod(done);
     });
@@ -56,9 +73,14 @@ async fn the_cluster_role_grants_exactly_what_the_function_uses() -> anyhow::Res
     // A node not named after its instance's PrivateDnsName: found by listing nodes.
     let instance = sandbox
         .moto
-        .run_instance("us-east-1a", &[("eks:cluster-name", CLUSTER), (MANAGED_TAG, "true")])
+        .run_instance(
+            "us-east-1a",
+            &[("eks:cluster-name", CLUSTER), (MANAGED_TAG, "true")],
+        )
         .await?;
-    sandbox.kube.world(|w| w.add_node(fixtures::node("custom-name-7", &instance.id, "us-east-1a")));
+    sandbox
+        .kube
+        .world(|w| w.add_node(fixtures::node("custom-name-7", &instance.id, "us-east-1a")));
     let ev = nth_tests::sandbox::event(
         "rbac-2",
         "aws.ec2",
@@ -67,7 +89,10 @@ async fn the_cluster_role_grants_exactly_what_the_function_uses() -> anyhow::Res
         json!({"instance-id": instance.id}),
     );
     let rebalance = sandbox.invoke(ev).await?;
-    assert!(matches!(&rebalance, Outcome::Response(v) if v["results"][0]["node"] == "custom-name-7"), "{rebalance:?}");
+    assert!(
+        matches!(&rebalance, Outcome::Response(v) if v["results"][0]["node"] == "custom-name-7"),
+        "{rebalance:?}"
+    );
 
     let used: BTreeSet<(String, String)> = sandbox
         .kube
@@ -89,7 +114,10 @@ async fn the_cluster_role_grants_exactly_what_the_function_uses() -> anyhow::Res
         .collect();
     let missing: Vec<_> = used.difference(&granted).collect();
     let unused: Vec<_> = granted.difference(&used).collect();
-    assert!(missing.is_empty(), "requests the ClusterRole does not allow: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "requests the ClusterRole does not allow: {missing:?}"
+    );
     assert!(unused.is_empty(), "rules nothing uses: {unused:?}");
     Ok(())
 }

@@ -148,8 +148,7 @@ pub(crate) async fn list_node_pods(
         .limit(POD_LIST_PAGE);
     let mut all = Vec::new();
     loop {
-        let page = pods
-            .list(&params)
+        let page = crate::retry::idempotent("list pods", || pods.list(&params))
             .await
             .map_err(|source| DrainError::ListPods {
                 node: node.to_owned(),
@@ -297,7 +296,8 @@ impl Drainer {
             }),
             ..DeleteParams::default()
         };
-        match pods.delete(&id.name, &params).await {
+        // The uid precondition makes a repeated delete harmless.
+        match crate::retry::idempotent("delete pod", || pods.delete(&id.name, &params)).await {
             Ok(_) => true,
             Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => true,
             Err(error) => {

@@ -42,8 +42,18 @@ pub struct RequestRecord {
     pub status: u16,
 }
 
+/// A failure to inject: the next `times` requests whose method and path match get `status`.
+#[derive(Debug, Clone)]
+struct Fault {
+    method: String,
+    path_contains: String,
+    status: u16,
+    times: usize,
+}
+
 #[derive(Debug, Default)]
 struct Seen {
+    faults: Vec<Fault>,
     requests: Vec<RequestRecord>,
     tokens: Vec<String>,
     auth_failures: Vec<String>,
@@ -124,6 +134,17 @@ impl KubeApi {
     /// Starts timers a test got from changing the world directly (e.g. deleting a pod).
     pub fn start_timers(&self, timers: Vec<Timer>) {
         start_timers(&self.world, timers);
+    }
+
+    /// Fails the next `times` requests with `method` whose path contains `path_contains`,
+    /// with `status` (500, 503, 429 ...), as an overloaded or restarting API server does.
+    pub fn inject_failures(&self, method: &str, path_contains: &str, status: u16, times: usize) {
+        lock(&self.seen).faults.push(Fault {
+            method: method.to_owned(),
+            path_contains: path_contains.to_owned(),
+            status,
+            times,
+        });
     }
 
     /// The most evictions the server was handling at once.
@@ -209,20 +230,34 @@ async fn authenticate_and_record(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let verdict = auth::verify(header.as_deref(), &state.auth);
-    let response = match verdict {
-        Ok(()) => {
-            if let Some(token) = header.as_deref().and_then(|h| h.strip_prefix("Bearer ")) {
-                let mut seen = lock(&state.seen);
-                if !seen.tokens.iter().any(|t| t == token) {
-                    seen.tokens.push(token.to_owned());
+    let injected = {
+        let mut seen = lock(&state.seen);
+        let path = request.uri().path().to_owned();
+        seen.faults
+            .iter_mut()
+            .find(|f| f.times > 0 && f.method == method && path.contains(&f.path_contains))
+            .map(|f| {
+                f.times -= 1;
+                f.status
+            })
+    };
+    let response = match (verdict, injected) {
+        (_, Some(status)) => ApiError::injected(status).into_response(),
+        (verdict, None) => match verdict {
+            Ok(()) => {
+                if let Some(token) = header.as_deref().and_then(|h| h.strip_prefix("Bearer ")) {
+                    let mut seen = lock(&state.seen);
+                    if !seen.tokens.iter().any(|t| t == token) {
+                        seen.tokens.push(token.to_owned());
+                    }
                 }
+                next.run(request).await
             }
-            next.run(request).await
-        }
-        Err(why) => {
-            lock(&state.seen).auth_failures.push(why);
-            ApiError::unauthorized().into_response()
-        }
+            Err(why) => {
+                lock(&state.seen).auth_failures.push(why);
+                ApiError::unauthorized().into_response()
+            }
+        },
     };
     lock(&state.seen).requests.push(RequestRecord {
         at,

@@ -61,6 +61,17 @@ impl ApiError {
         e
     }
 
+    /// A failure a test asked for, with the reason the real server gives for that code.
+    pub fn injected(code: u16) -> Self {
+        let reason = match code {
+            429 => "TooManyRequests",
+            503 => "ServiceUnavailable",
+            504 => "Timeout",
+            _ => "InternalError",
+        };
+        Self::new(code, reason, format!("injected failure ({code})"))
+    }
+
     pub fn gone(message: impl Into<String>) -> Self {
         Self::new(410, "Expired", message)
     }

@@ -1,0 +1,128 @@
+//! Faults through the real binary: transient errors are ridden out inside the deadline; work
+//! that cannot be done fails the invocation so that Lambda retries it (and, in the end,
+//! keeps it in the dead-letter queue).
+
+use nth_tests::runtime_api::Outcome;
+use nth_tests::sandbox::Sandbox;
+
+fn outcome_of(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Response(v) => v["results"][0]["outcome"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+        Outcome::Error {
+            error_type,
+            message,
+        } => format!("{error_type}: {message}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_api_server_errors_are_retried() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start(&[]).await?;
+    let node = sandbox.node_name().to_owned();
+    sandbox
+        .kube
+        .inject_failures("GET", &format!("/api/v1/nodes/{node}"), 503, 2);
+    sandbox
+        .kube
+        .inject_failures("PATCH", "/api/v1/nodes/", 500, 1);
+    sandbox.kube.inject_failures("GET", "/api/v1/pods", 429, 2);
+
+    let outcome = sandbox.invoke(sandbox.spot_event("flaky-1")).await?;
+
+    assert_eq!(outcome_of(&outcome), "drained");
+    let failed = sandbox
+        .kube
+        .requests()
+        .iter()
+        .filter(|r| r.status >= 429)
+        .count();
+    assert!(failed >= 5, "the injected failures happened ({failed})");
+    assert_eq!(
+        sandbox.kube.node(&node).expect("node")["spec"]["unschedulable"],
+        true
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ec2_throttling_is_survived() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start(&[]).await?;
+    sandbox
+        .aws
+        .fail("DescribeInstances", "RequestLimitExceeded", 2);
+
+    let outcome = sandbox.invoke(sandbox.spot_event("throttled-1")).await?;
+
+    assert_eq!(outcome_of(&outcome), "drained");
+    let calls = sandbox
+        .aws
+        .actions()
+        .iter()
+        .filter(|a| *a == "DescribeInstances")
+        .count();
+    assert_eq!(calls, 3, "two throttled attempts, then success");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_api_server_fails_the_invocation_for_a_retry() -> anyhow::Result<()> {
+    let closed = nth_tests::free_port()?;
+    let endpoint = format!("https://127.0.0.1:{closed}");
+    let sandbox = Sandbox::start(&[("CLUSTER_ENDPOINT", endpoint.as_str())]).await?;
+
+    let outcome = sandbox.invoke(sandbox.spot_event("down-1")).await?;
+
+    let Outcome::Error {
+        error_type,
+        message,
+    } = outcome
+    else {
+        panic!("the invocation must fail so that Lambda retries it: {outcome:?}");
+    };
+    assert_eq!(error_type, "InterruptionFailed");
+    assert!(
+        message.contains(sandbox.node_name()),
+        "names the node: {message}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_event_after_a_partial_drain_finishes_the_work() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start(&[]).await?;
+    let node = sandbox.node_name().to_owned();
+    // The first delivery cordons the node, then loses the API server while listing pods.
+    sandbox.kube.inject_failures("GET", "/api/v1/pods", 503, 4);
+    let first = sandbox.invoke(sandbox.spot_event("partial-1")).await?;
+    assert!(matches!(first, Outcome::Error { .. }), "{first:?}");
+    assert_eq!(
+        sandbox.kube.node(&node).expect("node")["spec"]["unschedulable"],
+        true
+    );
+    let patches_before = sandbox
+        .kube
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PATCH")
+        .count();
+
+    // Lambda delivers it again.
+    let second = sandbox.invoke(sandbox.spot_event("partial-1")).await?;
+
+    assert_eq!(outcome_of(&second), "drained");
+    let patches = sandbox
+        .kube
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PATCH")
+        .count();
+    assert_eq!(
+        patches - patches_before,
+        1,
+        "the cordon is not repeated; only the drain is recorded"
+    );
+    Ok(())
+}
