@@ -9,6 +9,7 @@
 
 pub mod autoscaling;
 pub mod fixtures;
+pub mod imds;
 pub mod kube;
 pub mod moto;
 pub mod process;

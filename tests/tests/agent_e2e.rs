@@ -1,0 +1,763 @@
+//! The real `nth-agent` binary against the IMDS emulator and the Kubernetes API emulator,
+//! reached with a kubeconfig holding a presigned EKS token.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use chrono::{TimeDelta, Utc};
+use nth_tests::fixtures;
+use nth_tests::imds::{Fault, ImdsEmulator};
+use nth_tests::kube::{AuthConfig, Behaviour, KubeApi};
+use nth_tests::process::workspace_binary;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+
+const CLUSTER: &str = "agent-test";
+const NODE: &str = "ip-10-0-7-21.ec2.internal";
+const INSTANCE: &str = "i-0a1b2c3d4e5f60718";
+const ZONE: &str = "us-east-1c";
+const SPARE: &str = "ip-10-0-9-9.ec2.internal";
+const PREFIX: &str = "node-termination-handler";
+/// Fast polls, so each test takes seconds; the agent's logic does not depend on the period.
+const POLL: &str = "200ms";
+/// Long enough for a drain of a few pods on a loaded two-core machine.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+struct World {
+    kube: KubeApi,
+    imds: ImdsEmulator,
+    _dir: tempfile::TempDir,
+    kubeconfig: PathBuf,
+    metrics_port: u16,
+}
+
+impl World {
+    /// The node (boot `boot-1`) with a DaemonSet pod, the agent's own pod, and four
+    /// ReplicaSet pods; a spare node for their replacements.
+    async fn start() -> anyhow::Result<Self> {
+        let kube = KubeApi::start(
+            AuthConfig {
+                cluster_name: CLUSTER.to_owned(),
+                secret_access_key: Some(nth_tests::TEST_SECRET_KEY.to_owned()),
+            },
+            Behaviour {
+                spare_node: Some(SPARE.to_owned()),
+                ..Behaviour::default()
+            },
+        )
+        .await?;
+        kube.world(|w| {
+            let mut node = fixtures::node(NODE, INSTANCE, ZONE);
+            node["status"]["nodeInfo"] = node_info("boot-1");
+            w.add_node(node);
+            w.add_node(fixtures::node(SPARE, "i-0ffffffffffffffff", "us-east-1b"));
+            w.add_pod(fixtures::daemonset_pod("kube-system", "aws-node", NODE));
+            let mut agent_pod = fixtures::replicaset_pod("nth", "nth-agent", 0, NODE, "x");
+            agent_pod["metadata"]["labels"] = json!({"app.kubernetes.io/name": "nth-agent"});
+            w.add_pod(agent_pod);
+            for i in 0..4 {
+                w.add_pod(fixtures::replicaset_pod(
+                    "shop",
+                    "web-5d9f7",
+                    i,
+                    NODE,
+                    "web",
+                ));
+            }
+        });
+        let imds = ImdsEmulator::start(INSTANCE, ZONE).await?;
+        let dir = tempfile::tempdir()?;
+        let kubeconfig = dir.path().join("kubeconfig");
+        std::fs::write(&kubeconfig, kubeconfig_for(&kube)?.to_string())?;
+        Ok(Self {
+            kube,
+            imds,
+            _dir: dir,
+            kubeconfig,
+            metrics_port: nth_tests::free_port()?,
+        })
+    }
+
+    fn env(&self, extra: &[(&str, &str)]) -> BTreeMap<String, String> {
+        let metrics = format!("127.0.0.1:{}", self.metrics_port);
+        let mut env: BTreeMap<String, String> = [
+            ("NODE_NAME", NODE),
+            ("IMDS_ENDPOINT", self.imds.url.as_str()),
+            ("POLL_INTERVAL", POLL),
+            ("REBOOT_CHECK_INTERVAL", "300ms"),
+            ("METRICS_ADDR", metrics.as_str()),
+            ("EVICTION_RETRY_SECONDS", "1"),
+            ("LOG_LEVEL", "info"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        for (k, v) in extra {
+            env.insert((*k).to_owned(), (*v).to_owned());
+        }
+        env
+    }
+
+    fn agent(&self, extra: &[(&str, &str)]) -> anyhow::Result<Agent> {
+        Agent::spawn(&self.kubeconfig, &self.env(extra))
+    }
+
+    fn node(&self) -> Value {
+        self.kube.node(NODE).unwrap_or_default()
+    }
+
+    fn node_patches(&self) -> usize {
+        self.kube
+            .requests()
+            .iter()
+            .filter(|r| r.method == "PATCH" && r.uri.starts_with(&format!("/api/v1/nodes/{NODE}")))
+            .count()
+    }
+
+    fn app_pods_left(&self) -> usize {
+        self.kube
+            .pods_on(NODE)
+            .iter()
+            .filter(|p| p["metadata"]["namespace"] == "shop")
+            .count()
+    }
+
+    async fn metrics(&self) -> anyhow::Result<String> {
+        http_get(self.metrics_port, "/metrics").await
+    }
+}
+
+fn node_info(boot: &str) -> Value {
+    json!({
+        "bootID": boot, "machineID": "ec2", "systemUUID": "ec2", "kernelVersion": "6.1",
+        "osImage": "Amazon Linux 2023", "containerRuntimeVersion": "containerd://1.7",
+        "kubeletVersion": "v1.33.0", "kubeProxyVersion": "v1.33.0",
+        "operatingSystem": "linux", "architecture": "amd64",
+    })
+}
+
+fn kubeconfig_for(kube: &KubeApi) -> anyhow::Result<Value> {
+    let token = nth_lambda::token::presign_token(
+        CLUSTER,
+        nth_tests::TEST_REGION,
+        aws_credential_types::Credentials::new(
+            nth_tests::TEST_ACCESS_KEY,
+            nth_tests::TEST_SECRET_KEY,
+            Some(nth_tests::TEST_SESSION_TOKEN.to_owned()),
+            None,
+            "test",
+        ),
+        std::time::SystemTime::now(),
+    )?;
+    Ok(json!({
+        "apiVersion": "v1", "kind": "Config", "current-context": CLUSTER,
+        "clusters": [{"name": CLUSTER, "cluster": {
+            "server": kube.url,
+            "certificate-authority-data": base64::engine::general_purpose::STANDARD.encode(&kube.ca_pem),
+        }}],
+        "users": [{"name": "nth-agent", "user": {"token": token}}],
+        "contexts": [{"name": CLUSTER, "context": {"cluster": CLUSTER, "user": "nth-agent"}}],
+    }))
+}
+
+/// The agent process, its output captured.
+struct Agent {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Agent {
+    fn spawn(kubeconfig: &std::path::Path, env: &BTreeMap<String, String>) -> anyhow::Result<Self> {
+        let mut child = Command::new(workspace_binary("nth-agent")?)
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .env_clear()
+            .envs(env)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let streams: [Option<Box<dyn tokio::io::AsyncRead + Send + Unpin>>; 2] = [
+            child.stdout.take().map(|s| Box::new(s) as _),
+            child.stderr.take().map(|s| Box::new(s) as _),
+        ];
+        for stream in streams.into_iter().flatten() {
+            let lines = Arc::clone(&lines);
+            tokio::spawn(async move {
+                let mut reader = BufReader::new(stream).lines();
+                while let Ok(Some(line)) = reader.next_line().await {
+                    lines
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push(line);
+                }
+            });
+        }
+        Ok(Self { child, lines })
+    }
+
+    fn output(&self) -> String {
+        self.lines
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .join("\n")
+    }
+
+    fn records(&self) -> Vec<Value> {
+        self.lines
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// Waits until `check` holds, failing with the agent's log if it never does.
+async fn eventually(agent: &Agent, what: &str, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < PATIENCE {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "timed out waiting for {what}; agent output:\n{}",
+        agent.output()
+    );
+}
+
+async fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    Ok(response)
+}
+
+fn taint_keys(node: &Value) -> Vec<String> {
+    node["spec"]["taints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t["key"].as_str().map(str::to_owned))
+        .collect()
+}
+
+fn annotation(node: &Value, suffix: &str) -> Option<String> {
+    node["metadata"]["annotations"][format!("{PREFIX}/{suffix}")]
+        .as_str()
+        .map(str::to_owned)
+}
+
+fn cordoned(node: &Value) -> bool {
+    node["spec"]["unschedulable"] == true
+}
+
+fn maintenance(code: &str, state: &str, id: &str) -> Value {
+    let not_before = Utc::now() + TimeDelta::hours(2);
+    json!([{
+        "NotBefore": not_before.format("%-d %b %Y %H:%M:%S GMT").to_string(),
+        "NotAfter": (not_before + TimeDelta::minutes(15)).format("%-d %b %Y %H:%M:%S GMT").to_string(),
+        "Code": code,
+        "Description": "scheduled reboot",
+        "EventId": id,
+        "State": state,
+    }])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spot_notice_cordons_taints_and_drains_once_by_the_notices_deadline() -> anyhow::Result<()>
+{
+    let world = World::start().await?;
+    let agent = world.agent(&[])?;
+    eventually(&agent, "the agent's first poll", || {
+        world
+            .imds
+            .requests()
+            .iter()
+            .any(|r| r.path.ends_with("instance-action"))
+    })
+    .await;
+    assert!(!cordoned(&world.node()), "no notice, no cordon");
+
+    let end = Utc::now() + TimeDelta::seconds(40);
+    world.imds.set_spot(Some(json!({
+        "action": "terminate",
+        "time": end.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+    })));
+    eventually(&agent, "the node drained", || {
+        annotation(&world.node(), "drained-event-id").is_some()
+    })
+    .await;
+
+    let node = world.node();
+    assert!(cordoned(&node));
+    assert!(
+        taint_keys(&node).contains(&format!("{PREFIX}/spot-itn")),
+        "{node}"
+    );
+    let id = annotation(&node, "event-id").unwrap_or_default();
+    assert!(id.starts_with(&format!("imds-spot-{INSTANCE}-")), "{id}");
+    assert_eq!(
+        annotation(&node, "interruption-kind").as_deref(),
+        Some("spot-interruption")
+    );
+    assert_eq!(world.app_pods_left(), 0, "application pods evicted");
+    let left = world.kube.pods_on(NODE);
+    assert!(
+        left.iter()
+            .any(|p| p["metadata"]["labels"]["app.kubernetes.io/name"] == "nth-agent"),
+        "the agent's own pod stays"
+    );
+    // Pods (30 s of grace) must stop 15 s before the instance goes, 40 s after the notice.
+    let graces: Vec<Option<i64>> = world
+        .kube
+        .world(|w| w.record.evictions.iter().map(|e| e.grace_seconds).collect());
+    assert_eq!(graces.len(), 4, "{graces:?}");
+    assert!(
+        graces.iter().all(|g| g.is_some_and(|g| g <= 25)),
+        "grace clipped to the notice's deadline: {graces:?}"
+    );
+
+    // The notice stays in IMDS and is seen on every poll: nothing more happens.
+    let patches = world.node_patches();
+    assert_eq!(patches, 2, "one PATCH to mark, one to record the drain");
+    let polls_before = world.imds.requests().len();
+    eventually(&agent, "ten more polls", || {
+        world.imds.requests().len() >= polls_before + 40
+    })
+    .await;
+    assert_eq!(
+        world.node_patches(),
+        patches,
+        "the same notice is handled once"
+    );
+    assert_eq!(world.kube.world(|w| w.record.evictions.len()), 4);
+
+    let metrics = world.metrics().await?;
+    assert!(
+        metrics
+            .contains("nth_agent_actions_total{kind=\"spot-interruption\",outcome=\"drained\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("nth_agent_errors_total{source=\"imds\"} 0"),
+        "{metrics}"
+    );
+    let last_poll: i64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("nth_agent_last_successful_poll_timestamp_seconds "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_default();
+    assert!((Utc::now().timestamp() - last_poll).abs() <= 5, "{metrics}");
+    let health = http_get(world.metrics_port, "/healthz").await?;
+    assert!(
+        health.starts_with("HTTP/1.1 200") && health.ends_with("ok\n"),
+        "{health}"
+    );
+
+    // Every log line is JSON naming the node; the notice's lines name the notice.
+    let records = agent.records();
+    assert!(!records.is_empty());
+    for r in &records {
+        assert!(
+            r.to_string().contains(NODE),
+            "a log line without the node: {r}"
+        );
+    }
+    assert!(records
+        .iter()
+        .any(|r| r["message"] == "notice handled" && r.to_string().contains(&id)));
+    agent.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalance_recommendation_taints_and_cordons_only() -> anyhow::Result<()> {
+    let world = World::start().await?;
+    let agent = world.agent(&[])?;
+    world
+        .imds
+        .set_rebalance(Some(json!({"noticeTime": "2026-11-02T13:58:40Z"})));
+    eventually(&agent, "the node cordoned", || cordoned(&world.node())).await;
+    let node = world.node();
+    assert!(taint_keys(&node).contains(&format!("{PREFIX}/rebalance-recommendation")));
+    eventually(&agent, "the outcome counted", || {
+        agent.output().contains("\"outcome\":\"marked\"")
+    })
+    .await;
+    assert_eq!(world.app_pods_left(), 4, "nothing evicted");
+    assert_eq!(world.kube.world(|w| w.record.evictions.len()), 0);
+    let metrics = world.metrics().await?;
+    assert!(
+        metrics.contains(
+            "nth_agent_actions_total{kind=\"rebalance-recommendation\",outcome=\"marked\"} 1"
+        ),
+        "{metrics}"
+    );
+    agent.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_reboot_drains_then_uncordons_once_the_node_has_rebooted() -> anyhow::Result<()> {
+    let world = World::start().await?;
+    let agent = world.agent(&[])?;
+    let event_id = "instance-event-0d59937288b749b32";
+    world
+        .imds
+        .set_scheduled(maintenance("system-reboot", "active", event_id));
+    eventually(&agent, "the node drained", || {
+        annotation(&world.node(), "drained-event-id").is_some()
+    })
+    .await;
+    let node = world.node();
+    assert!(cordoned(&node));
+    assert!(taint_keys(&node).contains(&format!("{PREFIX}/scheduled-maintenance")));
+    let record: Value =
+        serde_json::from_str(&annotation(&node, "restore-after-maintenance").unwrap_or_default())?;
+    assert_eq!(record["eventId"], event_id);
+    assert_eq!(record["bootId"], "boot-1");
+    assert_eq!(world.app_pods_left(), 0);
+
+    // Still the same boot: the node stays cordoned however long the agent watches.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(cordoned(&world.node()));
+
+    // The reboot: the kubelet reports a new boot ID.
+    world.kube.world(|w| {
+        if let Some(n) = w.nodes.get_mut(NODE) {
+            n["status"]["nodeInfo"]["bootID"] = json!("boot-2");
+        }
+    });
+    // Uncordoned, then the record dropped, then counted and logged.
+    eventually(&agent, "the restore done", || {
+        agent.output().contains("maintenance restore done")
+    })
+    .await;
+    let node = world.node();
+    assert!(!cordoned(&node), "{node}");
+    assert!(
+        !taint_keys(&node).iter().any(|k| k.starts_with(PREFIX)),
+        "{node}"
+    );
+    for suffix in [
+        "event-id",
+        "interruption-kind",
+        "drained-event-id",
+        "restore-after-maintenance",
+    ] {
+        assert_eq!(annotation(&node, suffix), None, "{suffix} left on {node}");
+    }
+    let metrics = world.metrics().await?;
+    assert!(
+        metrics.contains(
+            "nth_agent_actions_total{kind=\"scheduled-maintenance\",outcome=\"uncordoned\"} 1"
+        ),
+        "{metrics}"
+    );
+    agent.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_uncordons_after_the_reboot() -> anyhow::Result<()> {
+    let world = World::start().await?;
+    let agent = world.agent(&[])?;
+    let event_id = "instance-event-restart";
+    world
+        .imds
+        .set_scheduled(maintenance("instance-reboot", "active", event_id));
+    eventually(&agent, "the node drained", || {
+        annotation(&world.node(), "drained-event-id").is_some()
+    })
+    .await;
+    agent.stop().await;
+
+    // The reboot restarts the agent with the node; IMDS no longer lists the event.
+    world.imds.set_scheduled(json!([]));
+    world.kube.world(|w| {
+        if let Some(n) = w.nodes.get_mut(NODE) {
+            n["status"]["nodeInfo"]["bootID"] = json!("boot-2");
+        }
+    });
+    let agent = world.agent(&[])?;
+    eventually(&agent, "the restore done", || {
+        agent.output().contains("maintenance restore done")
+    })
+    .await;
+    assert!(!cordoned(&world.node()));
+    assert_eq!(annotation(&world.node(), "restore-after-maintenance"), None);
+    agent.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_maintenance_event_uncordons() -> anyhow::Result<()> {
+    let world = World::start().await?;
+    let agent = world.agent(&[])?;
+    let event_id = "instance-event-cancelled";
+    world
+        .imds
+        .set_scheduled(maintenance("instance-reboot", "active", event_id));
+    eventually(&agent, "the node cordoned", || cordoned(&world.node())).await;
+    world
+        .imds
+        .set_scheduled(maintenance("instance-reboot", "canceled", event_id));
+    eventually(&agent, "the node uncordoned", || {
+        let node = world.node();
+        !cordoned(&node) && annotation(&node, "restore-after-maintenance").is_none()
+    })
+    .await;
+    assert!(!taint_keys(&world.node())
+        .iter()
+        .any(|k| k.starts_with(PREFIX)));
+    agent.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cordoned_by_someone_else_is_never_uncordoned() -> anyhow::Result<()> {
+    let world = World::start().await?;
+    world.kube.world(|w| {
+        if let Some(n) = w.nodes.get_mut(NODE) {
+            n["spec"]["unschedulable"] = json!(true);
+        }
+    });
+    let agent = world.agent(&[])?;
+
+    // A cancelled event the agent never acted on: nothing to take back.
+    world.imds.set_scheduled(maintenance(
+        "system-reboot",
+        "canceled",
+        "instance-event-other",
+    ));
+    let polls = world.imds.requests().len();
+    eventually(&agent, "some polls", || {
+        world.imds.requests().len() >= polls + 20
+    })
+    .await;
+    assert!(cordoned(&world.node()));
+    assert_eq!(world.node_patches(), 0);
+
+    // An event the agent acts on, then cancelled: its taint goes, the other cordon stays.
+    let event_id = "instance-event-ours";
+    world
+        .imds
+        .set_scheduled(maintenance("system-reboot", "active", event_id));
+    eventually(&agent, "the node tainted", || {
+        taint_keys(&world.node()).contains(&format!("{PREFIX}/scheduled-maintenance"))
+    })
+    .await;
+    world
+        .imds
+        .set_scheduled(maintenance("system-reboot", "canceled", event_id));
+    eventually(&agent, "nth's marks removed", || {
+        let node = world.node();
+        taint_keys(&node).is_empty() && annotation(&node, "restore-after-maintenance").is_none()
+    })
+    .await;
+    assert!(cordoned(&world.node()), "someone else's cordon stays");
+    agent.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imds_errors_and_hangs_do_not_stop_the_agent() -> anyhow::Result<()> {
+    let world = World::start().await?;
+    world.imds.set_fault(Fault::ServerError);
+    let mut agent = world.agent(&[])?;
+    let end = Utc::now() + TimeDelta::seconds(90);
+    world.imds.set_spot(Some(json!({
+        "action": "terminate",
+        "time": end.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+    })));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        agent.is_running(),
+        "500s do not crash the agent:\n{}",
+        agent.output()
+    );
+    world.imds.set_fault(Fault::Hang);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        agent.is_running(),
+        "hangs do not crash the agent:\n{}",
+        agent.output()
+    );
+    assert!(!cordoned(&world.node()));
+    let metrics = world.metrics().await?;
+    assert!(
+        !metrics.contains("nth_agent_errors_total{source=\"imds\"} 0"),
+        "errors counted: {metrics}"
+    );
+
+    world.imds.set_fault(Fault::None);
+    eventually(&agent, "the node drained once IMDS is back", || {
+        annotation(&world.node(), "drained-event-id").is_some()
+    })
+    .await;
+    agent.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imdsv2_tokens_are_refreshed_and_refetched_after_expiry() -> anyhow::Result<()> {
+    let world = World::start().await?;
+    // A 1-second token: replaced before it runs out, poll after poll.
+    let short = world.agent(&[("IMDS_TOKEN_TTL_SECONDS", "1")])?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(world.imds.tokens_issued() >= 3, "tokens are refreshed");
+    let metrics = world.metrics().await?;
+    assert!(
+        metrics.contains("nth_agent_errors_total{source=\"imds\"} 0"),
+        "{metrics}"
+    );
+    short.stop().await;
+
+    // A 6-hour token that IMDS forgets (a restart): 401, a new token, carry on.
+    let before = world.imds.requests().len();
+    let agent = world.agent(&[])?;
+    eventually(&agent, "the new agent's first polls", || {
+        world
+            .imds
+            .requests()
+            .iter()
+            .skip(before)
+            .filter(|r| r.path.ends_with("instance-action") && r.status == 404)
+            .count()
+            >= 2
+    })
+    .await;
+    let issued = world.imds.tokens_issued();
+    let seen = world.imds.requests().len();
+    world.imds.expire_tokens();
+    world
+        .imds
+        .set_rebalance(Some(json!({"noticeTime": "2026-11-02T13:58:40Z"})));
+    eventually(&agent, "the node cordoned", || cordoned(&world.node())).await;
+    let after: Vec<_> = world.imds.requests().into_iter().skip(seen).collect();
+    assert!(after.iter().any(|r| r.status == 401), "the expiry was seen");
+    assert_eq!(world.imds.tokens_issued(), issued + 1, "one new token");
+    assert!(
+        world
+            .imds
+            .requests()
+            .iter()
+            .filter(|r| r.method == "GET")
+            .all(|r| r.token.is_some()),
+        "every metadata read carries a token"
+    );
+    let metrics = world.metrics().await?;
+    assert!(
+        metrics.contains("nth_agent_errors_total{source=\"imds\"} 0"),
+        "a 401 answered with a new token is not an error: {metrics}"
+    );
+    agent.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imdsv1_is_used_only_when_allowed() -> anyhow::Result<()> {
+    let world = World::start().await?;
+    // IMDSv2 unusable (the token request's reply never comes), IMDSv1 answering.
+    world.imds.require_token(false);
+    world.imds.set_token_fault(Fault::Hang);
+    world
+        .imds
+        .set_rebalance(Some(json!({"noticeTime": "2026-11-02T13:58:40Z"})));
+
+    let mut strict = world.agent(&[])?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(strict.is_running(), "{}", strict.output());
+    assert!(!cordoned(&world.node()), "no IMDSv1 unless allowed");
+    assert!(
+        world.imds.requests().iter().all(|r| r.method == "PUT"),
+        "without a token the agent reads nothing"
+    );
+    strict.stop().await;
+
+    let agent = world.agent(&[("IMDS_V1_FALLBACK", "true")])?;
+    eventually(&agent, "the node cordoned over IMDSv1", || {
+        cordoned(&world.node())
+    })
+    .await;
+    assert!(world
+        .imds
+        .requests()
+        .iter()
+        .any(|r| r.method == "GET" && r.token.is_none() && r.status == 200));
+    agent.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_writes_nothing() -> anyhow::Result<()> {
+    let world = World::start().await?;
+    let before = world.node();
+    let agent = world.agent(&[("DRY_RUN", "true")])?;
+    world.imds.set_spot(Some(json!({
+        "action": "terminate",
+        "time": (Utc::now() + TimeDelta::seconds(120)).format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+    })));
+    world
+        .imds
+        .set_scheduled(maintenance("system-reboot", "active", "instance-event-dry"));
+    eventually(&agent, "both notices handled", || {
+        agent.output().matches("\"outcome\":\"dry-run\"").count() >= 2
+    })
+    .await;
+    let writes: Vec<_> = world
+        .kube
+        .requests()
+        .into_iter()
+        .filter(|r| r.method != "GET")
+        .collect();
+    assert!(writes.is_empty(), "a dry run writes nothing: {writes:?}");
+    assert_eq!(world.node(), before);
+    assert_eq!(world.app_pods_left(), 4);
+    agent.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_of_another_instance_is_refused() -> anyhow::Result<()> {
+    let world = World::start().await?;
+    let mut agent = world.agent(&[("NODE_NAME", SPARE)])?;
+    let start = Instant::now();
+    while agent.is_running() && start.elapsed() < PATIENCE {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !agent.is_running(),
+        "the agent must refuse another instance's node"
+    );
+    assert!(
+        agent.output().contains("not this instance"),
+        "{}",
+        agent.output()
+    );
+    assert_eq!(world.node_patches(), 0);
+    Ok(())
+}
