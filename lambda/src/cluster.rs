@@ -78,12 +78,19 @@ pub fn eks_client(
     http.enforce_http(false);
     http.set_connect_timeout(Some(CONNECT_TIMEOUT));
     http.set_nodelay(true);
-    let https = config
-        .rustls_https_connector_with_connector(http)
+    let tls = config
+        .rustls_client_config()
         .map_err(|source| ClusterError::Tls {
             endpoint: endpoint.to_owned(),
             source,
         })?;
+    // HTTP/2 when the server offers it (EKS does): one connection carries every concurrent
+    // eviction instead of one TLS handshake per request in flight.
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_all_versions()
+        .wrap_connector(http);
     let hyper_client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .build::<_, kube::client::Body>(https);
 

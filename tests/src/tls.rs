@@ -55,7 +55,8 @@ impl TestPki {
                 PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.server_key.clone())),
             )
             .context("building the emulator's TLS config")?;
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // As the real API server: HTTP/2 when the client offers it, else HTTP/1.1.
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(config)
     }
 }

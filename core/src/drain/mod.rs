@@ -188,7 +188,7 @@ impl Drainer {
         deadline: DrainDeadline,
     ) -> Result<DrainReport, DrainError> {
         let started = std::time::Instant::now();
-        let (pods, _) = list_node_pods(&self.client, node).await?;
+        let (pods, listed_at) = list_node_pods(&self.client, node).await?;
         let mut report = DrainReport {
             node: node.to_owned(),
             dry_run: self.settings.dry_run,
@@ -265,6 +265,7 @@ impl Drainer {
             &self.client,
             node,
             to_wait,
+            listed_at,
             deadline.give_up_at,
             self.settings.wait_retry_pause,
         )

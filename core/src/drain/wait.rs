@@ -1,6 +1,7 @@
-//! Waiting for evicted pods to be gone: one LIST of the node's pods, then one WATCH from its
-//! resourceVersion, whatever the number of pods. A pod is gone when it is deleted or when a
-//! new pod (another UID) holds its name.
+//! Waiting for evicted pods to be gone: one WATCH of the node's pods from the drain's own
+//! LIST (so every deletion since is replayed), whatever the number of pods; a fresh LIST only
+//! when a watch ends or the server no longer holds that far back. A pod is gone when it is
+//! deleted or when a new pod (another UID) holds its name.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -25,6 +26,7 @@ pub(super) async fn wait_until_gone(
     client: &Client,
     node: &str,
     waiting: Vec<PodRef>,
+    listed_at: String,
     give_up_at: chrono::DateTime<Utc>,
     retry_pause: Duration,
 ) -> Result<(Vec<PodRef>, Vec<PodRef>), DrainError> {
@@ -34,22 +36,12 @@ pub(super) async fn wait_until_gone(
         .collect();
     let mut gone = Vec::new();
     let pods: Api<Pod> = Api::all(client.clone());
+    let mut watch_from = Some(listed_at).filter(|rv| !rv.is_empty());
     loop {
-        let (present, resource_version) = list_node_pods(client, node).await?;
-        let present: HashMap<Key, String> = present
-            .iter()
-            .map(|p| {
-                let id = pod_ref(p);
-                ((id.namespace, id.name), id.uid)
-            })
-            .collect();
-        waiting.retain(|key, id| {
-            let still = present.get(key) == Some(&id.uid);
-            if !still {
-                gone.push(id.clone());
-            }
-            still
-        });
+        let resource_version = match watch_from.take() {
+            Some(rv) => rv,
+            None => list_and_prune(client, node, &mut waiting, &mut gone).await?,
+        };
         let left = (give_up_at - Utc::now()).to_std().unwrap_or_default();
         if waiting.is_empty() || left.is_zero() {
             break;
@@ -93,4 +85,30 @@ pub(super) async fn wait_until_gone(
         }
     }
     Ok((gone, waiting.into_values().collect()))
+}
+
+/// Lists the node's pods, moves the waited-for ones that are gone to `gone`, and returns the
+/// list's resourceVersion to watch from.
+async fn list_and_prune(
+    client: &Client,
+    node: &str,
+    waiting: &mut HashMap<Key, PodRef>,
+    gone: &mut Vec<PodRef>,
+) -> Result<String, DrainError> {
+    let (present, resource_version) = list_node_pods(client, node).await?;
+    let present: HashMap<Key, String> = present
+        .iter()
+        .map(|p| {
+            let id = pod_ref(p);
+            ((id.namespace, id.name), id.uid)
+        })
+        .collect();
+    waiting.retain(|key, id| {
+        let still = present.get(key) == Some(&id.uid);
+        if !still {
+            gone.push(id.clone());
+        }
+        still
+    });
+    Ok(resource_version)
 }
