@@ -43,7 +43,7 @@ usage: nth-agent [--kubeconfig PATH] [--dry-run]
   --kubeconfig PATH   reach the cluster with this kubeconfig (also KUBECONFIG); without it the
                       in-cluster service account is used
   --dry-run           log every write instead of making it (also DRY_RUN=true)
-Everything else comes from the environment; see cluster-agent/README-section.md.";
+Everything else comes from the environment; see the README's cluster agent section.";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

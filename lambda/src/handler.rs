@@ -222,23 +222,41 @@ impl Handler {
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_owned();
+        let spans: Vec<tracing::Span> = interruptions
+            .iter()
+            .map(|interruption| {
+                info_span!(
+                    "interruption",
+                    event_id = %interruption.id,
+                    kind = %interruption.kind,
+                    instance_id = %interruption.instance_id,
+                    cluster = %self.cluster_name,
+                    node = tracing::field::Empty,
+                )
+            })
+            .collect();
         // Interruptions of one event are independent: handle them side by side, a bounded
-        // number at a time (a Health event may name many instances).
-        let handled: Vec<_> = futures::stream::iter(interruptions.iter().map(|interruption| {
-            let span = info_span!(
-                "interruption",
-                event_id = %interruption.id,
-                kind = %interruption.kind,
-                instance_id = %interruption.instance_id,
-                cluster = %self.cluster_name,
-                node = tracing::field::Empty,
-            );
-            self.handle_one(interruption, invocation_end)
-                .instrument(span)
-        }))
-        .buffer_unordered(INTERRUPTIONS_AT_ONCE)
+        // number at a time (a Health event may name many instances). Every node is marked
+        // before any is drained, so that pods evicted from one do not land on the next.
+        let prepared: Vec<_> = futures::stream::iter(interruptions.iter().zip(&spans).map(
+            |(interruption, span)| {
+                self.prepare(interruption, invocation_end)
+                    .instrument(span.clone())
+            },
+        ))
+        .buffered(INTERRUPTIONS_AT_ONCE)
         .collect()
         .await;
+        let handled: Vec<_> =
+            futures::stream::iter(interruptions.iter().zip(prepared).zip(&spans).map(
+                |((interruption, prepared), span)| {
+                    self.finish(interruption, prepared, invocation_end)
+                        .instrument(span.clone())
+                },
+            ))
+            .buffer_unordered(INTERRUPTIONS_AT_ONCE)
+            .collect()
+            .await;
         let mut results = Vec::new();
         let mut failures = Vec::new();
         for result in handled {
@@ -278,11 +296,12 @@ impl Handler {
         }
     }
 
-    async fn handle_one(
+    /// Everything up to the drain: resolve the instance, find and mark the node.
+    async fn prepare(
         &self,
         interruption: &Interruption,
         invocation_end: DateTime<Utc>,
-    ) -> Result<InterruptionResult, StepError> {
+    ) -> Result<(InterruptionResult, Prepared), StepError> {
         let action = self.policy.plan(interruption);
         let mut result = InterruptionResult {
             interruption_id: interruption.id.clone(),
@@ -295,9 +314,36 @@ impl Handler {
             lifecycle: None,
             cordoned_after_ms: None,
         };
-        let step = self
+        let prepared = self
             .act(interruption, &action, invocation_end, &mut result)
             .await?;
+        Ok((result, prepared))
+    }
+
+    /// The drain, if one is due, then the lifecycle action and the record of the outcome.
+    async fn finish(
+        &self,
+        interruption: &Interruption,
+        prepared: Result<(InterruptionResult, Prepared), StepError>,
+        invocation_end: DateTime<Utc>,
+    ) -> Result<InterruptionResult, StepError> {
+        let (mut result, prepared) = prepared?;
+        let step = match prepared {
+            Prepared::Finished(step) => step,
+            Prepared::Drain {
+                node,
+                cordon_notice,
+            } => {
+                self.drain_node(
+                    interruption,
+                    &node,
+                    cordon_notice,
+                    invocation_end,
+                    &mut result,
+                )
+                .await?
+            }
+        };
         // Whatever happened to the node, including a failed drain, a lifecycle action of ours
         // is answered: scale-in and scale-out must never hang on nth. Instances that are not
         // ours are left to their own handler; a launch whose node never became Ready is left
@@ -326,49 +372,50 @@ impl Handler {
         Ok(result)
     }
 
-    /// Resolves the instance and acts on its node.
+    /// Resolves the instance and acts on its node, up to the drain.
     async fn act(
         &self,
         interruption: &Interruption,
         action: &Action,
         invocation_end: DateTime<Utc>,
         result: &mut InterruptionResult,
-    ) -> Result<Step, StepError> {
+    ) -> Result<Prepared, StepError> {
         if *action == Action::Ignore {
-            return Ok(Step::Done("ignored by policy".into()));
+            return Ok(Prepared::from(Step::Done("ignored by policy".into())));
         }
         let Some(instance) = self.resolver.describe(&interruption.instance_id).await? else {
-            return Ok(Step::Done("instance unknown to EC2".into()));
+            return Ok(Prepared::from(Step::Done("instance unknown to EC2".into())));
         };
         if let Some(other) = instance
             .cluster_from_tags()
             .filter(|c| *c != self.cluster_name)
         {
-            return Ok(Step::NotOurs(format!(
+            return Ok(Prepared::from(Step::NotOurs(format!(
                 "instance belongs to cluster {other}"
-            )));
+            ))));
         }
         if let Some(tag) = &self.managed_tag {
             if !self.resolver.is_managed(&instance, tag).await? {
-                return Ok(Step::NotOurs(format!(
+                return Ok(Prepared::from(Step::NotOurs(format!(
                     "instance and its group lack the managed tag {tag}"
-                )));
+                ))));
             }
         }
         let likely_name = instance.private_dns_name.as_deref();
         if *action == Action::WaitReady {
             return self
                 .wait_ready(interruption, likely_name, invocation_end, result)
-                .await;
+                .await
+                .map(Prepared::from);
         }
         let Some(node) = self
             .marker
             .find(&interruption.instance_id, likely_name)
             .await?
         else {
-            return Ok(Step::Done(
+            return Ok(Prepared::from(Step::Done(
                 "no node for this instance in the cluster".into(),
-            ));
+            )));
         };
         let node_name = node.metadata.name.clone().unwrap_or_default();
         tracing::Span::current().record("node", node_name.as_str());
@@ -390,14 +437,14 @@ impl Handler {
                     .emit(&node, EventType::Normal, "Uncordoned", &message)
                     .await;
             }
-            return Ok(Step::Done(
+            return Ok(Prepared::from(Step::Done(
                 match restored {
                     RestoreOutcome::Restored => "uncordoned",
                     RestoreOutcome::NotOurs => "not cordoned by nth for a stop; left alone",
                     RestoreOutcome::DryRun => "dry-run",
                 }
                 .into(),
-            ));
+            )));
         };
         let marked = self
             .marker
@@ -430,19 +477,36 @@ impl Handler {
         }
         if !drain {
             finish_notice(cordon_notice).await;
-            return Ok(Step::Done(
+            return Ok(Prepared::from(Step::Done(
                 match marked {
                     MarkOutcome::Marked => "marked",
                     MarkOutcome::AlreadyMarked => "already-marked",
                     MarkOutcome::DryRun => "dry-run",
                 }
                 .into(),
-            ));
+            )));
         }
         if self.marker.drained_for(&node, interruption) {
             info!(node = %node_name, "this interruption's drain already completed; not draining again");
-            return Ok(Step::Done("already-drained".into()));
+            finish_notice(cordon_notice).await;
+            return Ok(Prepared::from(Step::Done("already-drained".into())));
         }
+        Ok(Prepared::Drain {
+            node: Box::new(node),
+            cordon_notice,
+        })
+    }
+
+    /// Drains a marked node, reports the outcome and records a complete drain on the node.
+    async fn drain_node(
+        &self,
+        interruption: &Interruption,
+        node: &Node,
+        cordon_notice: Option<tokio::task::JoinHandle<()>>,
+        invocation_end: DateTime<Utc>,
+        result: &mut InterruptionResult,
+    ) -> Result<Step, StepError> {
+        let node_name = node.metadata.name.clone().unwrap_or_default();
         let deadline = drain_deadline(interruption.deadline, invocation_end);
         let drained = match &interruption.lifecycle {
             Some(lifecycle) => {
@@ -464,7 +528,7 @@ impl Handler {
             }
         };
         if !self.policy.dry_run {
-            self.report_drain(&node, interruption, &report).await;
+            self.report_drain(node, interruption, &report).await;
         }
         let outcome = if self.policy.dry_run {
             "dry-run"
@@ -597,6 +661,22 @@ impl Handler {
             }
             tokio::time::sleep(LAUNCH_POLL_INTERVAL).await;
         }
+    }
+}
+
+/// Where an interruption stands after its node was marked.
+enum Prepared {
+    Finished(Step),
+    /// The node is marked; its drain comes once every node of the event is marked.
+    Drain {
+        node: Box<Node>,
+        cordon_notice: Option<tokio::task::JoinHandle<()>>,
+    },
+}
+
+impl From<Step> for Prepared {
+    fn from(step: Step) -> Self {
+        Self::Finished(step)
     }
 }
 

@@ -7,7 +7,6 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use chrono::{TimeDelta, Utc};
 use nth_tests::fixtures;
 use nth_tests::imds::{Fault, ImdsEmulator};
@@ -73,7 +72,10 @@ impl World {
         let imds = ImdsEmulator::start(INSTANCE, ZONE).await?;
         let dir = tempfile::tempdir()?;
         let kubeconfig = dir.path().join("kubeconfig");
-        std::fs::write(&kubeconfig, kubeconfig_for(&kube)?.to_string())?;
+        std::fs::write(
+            &kubeconfig,
+            nth_tests::kube::kubeconfig(&kube, CLUSTER)?.to_string(),
+        )?;
         Ok(Self {
             kube,
             imds,
@@ -139,30 +141,6 @@ fn node_info(boot: &str) -> Value {
         "kubeletVersion": "v1.33.0", "kubeProxyVersion": "v1.33.0",
         "operatingSystem": "linux", "architecture": "amd64",
     })
-}
-
-fn kubeconfig_for(kube: &KubeApi) -> anyhow::Result<Value> {
-    let token = nth_lambda::token::presign_token(
-        CLUSTER,
-        nth_tests::TEST_REGION,
-        aws_credential_types::Credentials::new(
-            nth_tests::TEST_ACCESS_KEY,
-            nth_tests::TEST_SECRET_KEY,
-            Some(nth_tests::TEST_SESSION_TOKEN.to_owned()),
-            None,
-            "test",
-        ),
-        std::time::SystemTime::now(),
-    )?;
-    Ok(json!({
-        "apiVersion": "v1", "kind": "Config", "current-context": CLUSTER,
-        "clusters": [{"name": CLUSTER, "cluster": {
-            "server": kube.url,
-            "certificate-authority-data": base64::engine::general_purpose::STANDARD.encode(&kube.ca_pem),
-        }}],
-        "users": [{"name": "nth-agent", "user": {"token": token}}],
-        "contexts": [{"name": CLUSTER, "context": {"cluster": CLUSTER, "user": "nth-agent"}}],
-    }))
 }
 
 /// The agent process, its output captured.

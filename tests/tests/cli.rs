@@ -170,29 +170,8 @@ async fn replay_dry_run_of_the_verbatim_sample_finds_no_such_instance() -> anyho
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_with_a_kubeconfig_drains_for_real() -> anyhow::Result<()> {
-    use base64::Engine;
     let sandbox = Sandbox::start(&[]).await?;
-    let token = nth_lambda::token::presign_token(
-        nth_tests::sandbox::CLUSTER,
-        nth_tests::TEST_REGION,
-        aws_credential_types::Credentials::new(
-            nth_tests::TEST_ACCESS_KEY,
-            nth_tests::TEST_SECRET_KEY,
-            Some(nth_tests::TEST_SESSION_TOKEN.to_owned()),
-            None,
-            "test",
-        ),
-        std::time::SystemTime::now(),
-    )?;
-    let kubeconfig = serde_json::json!({
-        "apiVersion": "v1", "kind": "Config", "current-context": "sandbox",
-        "clusters": [{"name": "sandbox", "cluster": {
-            "server": sandbox.kube.url,
-            "certificate-authority-data": base64::engine::general_purpose::STANDARD.encode(&sandbox.kube.ca_pem),
-        }}],
-        "users": [{"name": "nth", "user": {"token": token}}],
-        "contexts": [{"name": "sandbox", "context": {"cluster": "sandbox", "user": "nth"}}],
-    });
+    let kubeconfig = nth_tests::kube::kubeconfig(&sandbox.kube, nth_tests::sandbox::CLUSTER)?;
     let dir = tempfile::tempdir()?;
     let config_path = dir.path().join("kubeconfig");
     std::fs::write(&config_path, kubeconfig.to_string())?;

@@ -223,7 +223,12 @@ async fn authenticate_and_record(
 ) -> Response {
     let at = Instant::now();
     let method = request.method().to_string();
-    let uri = request.uri().to_string();
+    // Path and query only: over HTTP/2 the request URI also carries the authority.
+    let uri = request
+        .uri()
+        .path_and_query()
+        .map(ToString::to_string)
+        .unwrap_or_default();
     let header = request
         .headers()
         .get(axum::http::header::AUTHORIZATION)
@@ -1005,4 +1010,31 @@ pub fn client(api: &KubeApi, cluster: &str) -> anyhow::Result<kube::Client> {
     ));
     let ca_data = base64::engine::general_purpose::STANDARD.encode(&api.ca_pem);
     Ok(nth_lambda::cluster::eks_client(&api.url, &ca_data, tokens)?)
+}
+
+/// A kubeconfig for the emulator: its URL and CA, and a presigned EKS token (valid 15
+/// minutes) from the test credentials for `cluster`.
+pub fn kubeconfig(api: &KubeApi, cluster: &str) -> anyhow::Result<serde_json::Value> {
+    use base64::Engine;
+    let token = nth_lambda::token::presign_token(
+        cluster,
+        crate::TEST_REGION,
+        aws_credential_types::Credentials::new(
+            crate::TEST_ACCESS_KEY,
+            crate::TEST_SECRET_KEY,
+            Some(crate::TEST_SESSION_TOKEN.to_owned()),
+            None,
+            "nth-tests",
+        ),
+        std::time::SystemTime::now(),
+    )?;
+    Ok(json!({
+        "apiVersion": "v1", "kind": "Config", "current-context": cluster,
+        "clusters": [{"name": cluster, "cluster": {
+            "server": api.url,
+            "certificate-authority-data": base64::engine::general_purpose::STANDARD.encode(&api.ca_pem),
+        }}],
+        "users": [{"name": "nth", "user": {"token": token}}],
+        "contexts": [{"name": cluster, "context": {"cluster": cluster, "user": "nth"}}],
+    }))
 }

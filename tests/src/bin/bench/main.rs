@@ -2,6 +2,7 @@
 //! and prints one table. Run it from a release build: the binaries it measures and the
 //! emulators it drives are then built as they ship.
 
+mod agent;
 mod cold;
 mod drain;
 mod function;
@@ -24,6 +25,8 @@ async fn main() -> anyhow::Result<()> {
     drain::measure(&mut table).await?;
     eprintln!("mass interruption ...");
     mass::measure(&mut table, if quick { 100 } else { 500 }).await?;
+    eprintln!("cluster agent ...");
+    agent::measure(&mut table).await?;
     table.print();
     Ok(())
 }

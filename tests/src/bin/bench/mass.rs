@@ -47,10 +47,14 @@ pub async fn measure(table: &mut Table, nodes: usize) -> anyhow::Result<()> {
         pods_stopped_by: Some(Utc::now() + TimeDelta::seconds(105)),
         give_up_at: Utc::now() + TimeDelta::seconds(120),
     };
-    let work = (0..nodes).map(|n| {
-        let (marker, drainer, cordoned) = (&marker, &drainer, Arc::clone(&cordoned));
+    // Every node is cordoned before any is drained, as nth does with the instances of one
+    // event: pods evicted from the first nodes must not land on the next ones.
+    let names: Vec<String> = (0..nodes)
+        .map(|n| format!("ip-10-2-{}-{}.ec2.internal", n / 250, n % 250))
+        .collect();
+    let marks = names.iter().enumerate().map(|(n, name)| {
+        let (marker, cordoned) = (&marker, Arc::clone(&cordoned));
         async move {
-            let name = format!("ip-10-2-{}-{}.ec2.internal", n / 250, n % 250);
             let interruption = Interruption {
                 id: format!("mass-{n}"),
                 kind: InterruptionKind::SpotInterruption,
@@ -61,7 +65,7 @@ pub async fn measure(table: &mut Table, nodes: usize) -> anyhow::Result<()> {
                 lifecycle: None,
             };
             let node = marker
-                .get(&name)
+                .get(name)
                 .await?
                 .ok_or_else(|| anyhow::anyhow!("node {name} missing"))?;
             let taint = Policy::default().taint_key(InterruptionKind::SpotInterruption);
@@ -72,11 +76,20 @@ pub async fn measure(table: &mut Table, nodes: usize) -> anyhow::Result<()> {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .push(started.elapsed());
-            let report = drainer.drain(&name, deadline).await?;
+            anyhow::Ok(())
+        }
+    });
+    for marked in futures::future::join_all(marks).await {
+        marked?;
+    }
+    let drains = names.iter().map(|name| {
+        let drainer = &drainer;
+        async move {
+            let report = drainer.drain(name, deadline).await?;
             anyhow::Ok((report.complete, started.elapsed()))
         }
     });
-    let results = futures::future::join_all(work).await;
+    let results = futures::future::join_all(drains).await;
     let mut drained = Duration::ZERO;
     let mut complete = 0;
     for result in results {
