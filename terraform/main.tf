@@ -186,6 +186,10 @@ resource "aws_lambda_function" "this" {
       condition     = !local.use_vpc || length(var.security_group_ids) > 0
       error_message = "security_group_ids is required when subnet_ids is set."
     }
+    precondition {
+      condition     = var.alarm_topic_arn == "" || var.alarm_email == ""
+      error_message = "Give alarm_topic_arn or alarm_email, not both (subscribe the address to your topic yourself)."
+    }
   }
 
   depends_on = [

@@ -315,3 +315,33 @@ variable "security_group_ids" {
   type        = list(string)
   default     = []
 }
+
+# Dashboard and alarms
+
+variable "create_dashboard_and_alarms" {
+  description = "Create a CloudWatch dashboard (interruptions, drains, pods, errors, dead-letter queue) and alarms on the dead-letter queue, on errors and on incomplete drains."
+  type        = bool
+  default     = true
+}
+
+variable "alarm_topic_arn" {
+  description = "An existing SNS topic the alarms notify (on alarm and on recovery). Leave empty to use alarm_email, or to have alarms without actions."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = can(regex("^$|^arn:[a-z-]+:sns:[a-z0-9-]+:[0-9]{12}:.+$", var.alarm_topic_arn))
+    error_message = "alarm_topic_arn must be empty or the ARN of an SNS topic."
+  }
+}
+
+variable "alarm_email" {
+  description = "An email address: creates an SNS topic for the alarms with this address subscribed (it must confirm the subscription). Only when alarm_topic_arn is empty."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = can(regex("^$|^[^@\\s]+@[^@\\s]+$", var.alarm_email))
+    error_message = "alarm_email must be empty or an email address."
+  }
+}

@@ -5,11 +5,14 @@
 - the function's environment has the same variables in both, each fed by the same setting,
   and they are exactly the variables the code reads (lambda/src, read by rust_scan);
 - one EventBridge rule per kind in both, with the same pattern and the same switch;
-- the same function, retry and queue settings.
+- the same function, retry and queue settings;
+- the same alarms (metric, statistic, dimensions, threshold, description, actions) and the
+  same dashboard, both behind the switch CreateDashboardAndAlarms.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -102,6 +105,118 @@ def terraform_rules(module: dict[str, Any]) -> dict[str, tuple[str | None, Any]]
     return rules
 
 
+# The references the dashboards and alarms make, by name in each template.
+SAM_REFS = {
+    "MetricsNamespace": "<namespace>",
+    "AWS::Region": "<region>",
+    "Function": "<function>",
+    "DeadLetterQueue.QueueName": "<queue>",
+}
+TF_REFS = {
+    "var.metrics_namespace": "<namespace>",
+    "local.region": "<region>",
+    "aws_lambda_function.this.function_name": "<function>",
+    "aws_sqs_queue.dead_letter.name": "<queue>",
+}
+ALARM_SETTINGS = {  # AWS::CloudWatch::Alarm property -> aws_cloudwatch_metric_alarm argument
+    "Period": "period",
+    "EvaluationPeriods": "evaluation_periods",
+    "Threshold": "threshold",
+    "ComparisonOperator": "comparison_operator",
+    "TreatMissingData": "treat_missing_data",
+}
+
+
+def cfn_value(expr: Any) -> Any:
+    """A literal, or the placeholder of a !Ref / !GetAtt the dashboards and alarms use."""
+    if isinstance(expr, dict) and "Ref" in expr:
+        return SAM_REFS.get(expr["Ref"], expr["Ref"])
+    if isinstance(expr, dict) and "Fn::GetAtt" in expr:
+        att = expr["Fn::GetAtt"]
+        name = att if isinstance(att, str) else ".".join(att)
+        return SAM_REFS.get(name, name)
+    return expr
+
+
+def tf_value(expr: Any) -> Any:
+    """A literal, or the placeholder of an interpolated reference; HCL escapes decoded."""
+    if isinstance(expr, str):
+        m = re.fullmatch(r"\$\{([\w.]+)\}", expr)
+        if m:
+            return TF_REFS.get(m.group(1), expr)
+        text = re.sub(r"\$\{([\w.]+)\}", lambda m: TF_REFS.get(m.group(1), m.group(0)), expr)
+        # HCL string escapes (the ones these templates use): \n, \" and \\.
+        return re.sub(r'\\(["n\\])', lambda m: "\n" if m.group(1) == "n" else m.group(1), text)
+    if isinstance(expr, list):
+        return [tf_value(v) for v in expr]
+    if isinstance(expr, dict):
+        return {k: tf_value(v) for k, v in expr.items()}
+    return expr
+
+
+def template_alarms(template: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    alarms = {}
+    for rid, r in template["Resources"].items():
+        if r["Type"] != "AWS::CloudWatch::Alarm":
+            continue
+        p = r["Properties"]
+        m = re.fullmatch(r"\$\{AWS::StackName\}-(.+)", p.get("AlarmName", {}).get("Fn::Sub", ""))
+        key = m.group(1) if m else rid
+        alarms[key] = {
+            "switch": r.get("Condition"),
+            "description": " ".join(str(p.get("AlarmDescription", "")).split()),
+            "namespace": cfn_value(p["Namespace"]),
+            "metric": p["MetricName"],
+            "statistic": p["Statistic"],
+            "dimensions": {d["Name"]: cfn_value(d["Value"]) for d in p.get("Dimensions", [])},
+            "actions": "AlarmActions" in p and "OKActions" in p,
+            **{k: str(p.get(k)) for k in ALARM_SETTINGS},
+        }
+    return alarms
+
+
+def terraform_alarms(module: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    resource = module["resource"].get("aws_cloudwatch_metric_alarm.this")
+    if resource is None:
+        return {}
+    alarms = {}
+    for key, a in module["locals"].get("alarms", {}).items():
+        alarms[key] = {
+            "switch": resource["for_each"],
+            "description": " ".join(a["description"].split()),
+            "namespace": tf_value(a["namespace"]),
+            "metric": a["metric_name"],
+            "statistic": a["statistic"],
+            "dimensions": tf_value(a["dimensions"]),
+            "actions": resource.get("alarm_actions") == resource.get("ok_actions") == "${local.alarm_actions}",
+            **{k: str(resource.get(v)) for k, v in ALARM_SETTINGS.items()},
+        }
+    return alarms
+
+
+def template_dashboard(template: dict[str, Any]) -> list[Any] | None:
+    boards = [r for r in template["Resources"].values() if r["Type"] == "AWS::CloudWatch::Dashboard"]
+    if not boards:
+        return None
+    body = boards[0]["Properties"]["DashboardBody"]["Fn::Sub"]
+    body = re.sub(r"\$\{([\w:.]+)\}", lambda m: SAM_REFS.get(m.group(1), m.group(0)), body)
+    widgets = json.loads(body)["widgets"]
+    for w in widgets:
+        if w["type"] == "alarm":
+            w["properties"]["alarms"] = "<alarms>"
+    return widgets
+
+
+def terraform_dashboard(module: dict[str, Any]) -> list[Any] | None:
+    if "aws_cloudwatch_dashboard.this" not in module["resource"]:
+        return None
+    widgets = tf_value(module["locals"]["dashboard_widgets"])
+    for w in widgets:
+        if w["type"] == "alarm":
+            w["properties"]["alarms"] = "<alarms>"
+    return widgets
+
+
 def main() -> None:
     failures = Failures("parity")
     template = load_cfn()
@@ -169,9 +284,42 @@ def main() -> None:
         if str(t).lower() != str(f).lower():
             failures.add(f"{what}: template.yaml {t!r}, terraform/ {f!r}")
 
+    # Dashboard and alarms.
+    conditions = template.get("Conditions", {})
+    monitoring = conditions.get("Monitoring", {}).get("Fn::Equals", [])
+    if {"Ref": "CreateDashboardAndAlarms"} not in monitoring:
+        failures.add("template.yaml: condition Monitoring is not the switch CreateDashboardAndAlarms")
+    if module["locals"].get("monitoring") != "${var.create_dashboard_and_alarms}":
+        failures.add("terraform/: local.monitoring is not the switch create_dashboard_and_alarms")
+    t_alarms, f_alarms = template_alarms(template), terraform_alarms(module)
+    if not t_alarms:
+        failures.add("template.yaml has no alarms")
+    for key in sorted(set(t_alarms) | set(f_alarms)):
+        if key not in t_alarms or key not in f_alarms:
+            failures.add(f"alarm {key} only in {'template.yaml' if key in t_alarms else 'terraform/'}")
+            continue
+        t, f = dict(t_alarms[key]), dict(f_alarms[key])
+        if t.pop("switch") != "Monitoring" or f.pop("switch") != "${local.monitoring ? local.alarms : {}}":
+            failures.add(f"alarm {key} is not behind the switch in both")
+        if not t["actions"] or not f["actions"]:
+            failures.add(f"alarm {key} does not notify the alarm topic (on alarm and on recovery) in both")
+        for field in t:
+            if t[field] != f[field]:
+                failures.add(f"alarm {key}: {field} is {t[field]!r} in template.yaml, {f[field]!r} in terraform/")
+    t_board, f_board = template_dashboard(template), terraform_dashboard(module)
+    if t_board is None or f_board is None:
+        failures.add(f"the dashboard is missing in {'terraform/' if t_board is not None else 'template.yaml'}")
+    elif t_board != f_board:
+        for i, (t, f) in enumerate(zip(t_board, f_board)):
+            if t != f:
+                failures.add(f"dashboard widget {i}: template.yaml {json.dumps(t)} != terraform/ {json.dumps(f)}")
+        if len(t_board) != len(f_board):
+            failures.add(f"dashboard: {len(t_board)} widgets in template.yaml, {len(f_board)} in terraform/")
+
     failures.finish(
         f"{len(params)} parameters = variables, {len(t_env)} environment variables = what the code reads, "
-        f"{len(t_rules)} rules, function/retry/queue settings agree"
+        f"{len(t_rules)} rules, function/retry/queue settings agree, "
+        f"{len(t_alarms)} alarms and a {len(t_board or [])}-widget dashboard agree"
     )
 
 

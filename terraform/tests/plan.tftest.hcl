@@ -115,6 +115,33 @@ run "defaults" {
     condition     = aws_eks_access_entry.function[0].kubernetes_groups == toset(["nth-node-termination-handler"]) && aws_eks_access_entry.function[0].type == "STANDARD"
     error_message = "the access entry maps the role to the group deploy/rbac.yaml binds"
   }
+  assert {
+    condition     = toset(keys(aws_cloudwatch_metric_alarm.this)) == toset(["dead-letter-queue", "errors", "function-errors", "drains-incomplete"])
+    error_message = "alarms on the dead-letter queue, on errors and on incomplete drains by default"
+  }
+  assert {
+    condition = alltrue([
+      for key, a in aws_cloudwatch_metric_alarm.this :
+      a.threshold == 0 && a.comparison_operator == "GreaterThanThreshold" && a.treat_missing_data == "notBreaching" && length(a.alarm_actions) == 0
+    ])
+    error_message = "every alarm fires above zero, and has no action without a topic"
+  }
+  assert {
+    condition = (
+      aws_cloudwatch_metric_alarm.this["dead-letter-queue"].namespace == "AWS/SQS" &&
+      aws_cloudwatch_metric_alarm.this["dead-letter-queue"].metric_name == "ApproximateNumberOfMessagesVisible" &&
+      aws_cloudwatch_metric_alarm.this["errors"].namespace == "NodeTerminationHandler" &&
+      aws_cloudwatch_metric_alarm.this["errors"].metric_name == "Errors" &&
+      length(aws_cloudwatch_metric_alarm.this["errors"].dimensions) == 0 &&
+      aws_cloudwatch_metric_alarm.this["function-errors"].namespace == "AWS/Lambda" &&
+      aws_cloudwatch_metric_alarm.this["function-errors"].dimensions == tomap({ FunctionName = "nth" })
+    )
+    error_message = "the alarms watch the queue's depth, nth's dimensionless Errors and the function's Errors"
+  }
+  assert {
+    condition     = length(aws_cloudwatch_dashboard.this) == 1 && length(aws_sns_topic.alarms) == 0
+    error_message = "a dashboard, and no topic without alarm_email"
+  }
 }
 
 run "restricted_private_and_notifying" {
@@ -189,6 +216,69 @@ run "restricted_private_and_notifying" {
     condition     = length(aws_eks_access_entry.function) == 0
     error_message = "no access entry when create_access_entry is false"
   }
+}
+
+run "alarms_by_email" {
+  command = plan
+
+  variables {
+    alarm_email       = "oncall@example.com"
+    metrics_namespace = "Custom/NTH"
+  }
+
+  assert {
+    condition     = length(aws_sns_topic.alarms) == 1 && aws_sns_topic_subscription.alarm_email[0].endpoint == "oncall@example.com" && aws_sns_topic_subscription.alarm_email[0].protocol == "email"
+    error_message = "alarm_email creates a topic with the address subscribed"
+  }
+  assert {
+    condition     = alltrue([for key, a in aws_cloudwatch_metric_alarm.this : length(a.alarm_actions) == 1 && length(a.ok_actions) == 1])
+    error_message = "every alarm notifies the topic"
+  }
+  assert {
+    condition     = aws_cloudwatch_metric_alarm.this["errors"].namespace == "Custom/NTH" && aws_cloudwatch_metric_alarm.this["drains-incomplete"].namespace == "Custom/NTH"
+    error_message = "alarms on nth's metrics follow metrics_namespace"
+  }
+}
+
+run "alarms_to_an_existing_topic" {
+  command = plan
+
+  variables {
+    alarm_topic_arn = "arn:aws:sns:us-east-1:123456789012:oncall"
+  }
+
+  assert {
+    condition = length(aws_sns_topic.alarms) == 0 && alltrue([
+      for key, a in aws_cloudwatch_metric_alarm.this :
+      a.alarm_actions == toset(["arn:aws:sns:us-east-1:123456789012:oncall"]) && a.ok_actions == toset(["arn:aws:sns:us-east-1:123456789012:oncall"])
+    ])
+    error_message = "alarms notify the given topic, and none is created"
+  }
+}
+
+run "no_dashboard_or_alarms" {
+  command = plan
+
+  variables {
+    create_dashboard_and_alarms = false
+    alarm_email                 = "oncall@example.com"
+  }
+
+  assert {
+    condition     = length(aws_cloudwatch_metric_alarm.this) == 0 && length(aws_cloudwatch_dashboard.this) == 0 && length(aws_sns_topic.alarms) == 0
+    error_message = "create_dashboard_and_alarms = false creates none of them"
+  }
+}
+
+run "one_alarm_topic" {
+  command = plan
+
+  variables {
+    alarm_topic_arn = "arn:aws:sns:us-east-1:123456789012:oncall"
+    alarm_email     = "oncall@example.com"
+  }
+
+  expect_failures = [aws_lambda_function.this]
 }
 
 run "subnets_need_security_groups" {

@@ -27,5 +27,8 @@ module "nth" {
   # Start in dry run: every write is logged, none is made. Set false once the log reads right.
   dry_run = var.dry_run
 
+  # The dashboard and alarms are created by default; an address here gets the alarms by email.
+  alarm_email = var.alarm_email
+
   tags = { "app" = "nth" }
 }

@@ -9,3 +9,7 @@ output "role_arn" {
 output "dead_letter_queue_url" {
   value = module.nth.dead_letter_queue_url
 }
+
+output "dashboard_url" {
+  value = module.nth.dashboard_url
+}

@@ -19,3 +19,9 @@ variable "dry_run" {
   type        = bool
   default     = true
 }
+
+variable "alarm_email" {
+  description = "An email address for the alarms (it must confirm the SNS subscription); empty: alarms without notifications."
+  type        = string
+  default     = ""
+}
