@@ -1,13 +1,12 @@
 //! The agent's settings: command-line flags for the cluster connection and dry run, the
 //! environment for the rest, with the Lambda's names wherever the two share a setting.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use nth_core::policy::DEFAULT_PREFIX;
-use nth_core::{Disruption, DrainSettings, InterruptionKind, Policy, Response, TaintEffect};
+use nth_core::settings::{self, SettingError};
+use nth_core::{DrainSettings, Policy};
 
 /// AWS's fixed link-local address for instance metadata.
 pub const DEFAULT_IMDS_ENDPOINT: &str = "http://169.254.169.254";
@@ -47,6 +46,8 @@ Everything else comes from the environment; see the README's cluster agent secti
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error(transparent)]
+    Setting(#[from] SettingError),
     #[error("environment variable {name} is required: {why}")]
     Missing {
         name: &'static str,
@@ -99,9 +100,9 @@ impl Config {
                 other => return Err(ConfigError::Usage(format!("unexpected argument {other:?}"))),
             }
         }
-        let mut policy = policy(&get)?;
+        let mut policy = settings::policy(&get)?;
         policy.dry_run |= dry_run_flag;
-        let drain = drain_settings(&get, policy.dry_run)?;
+        let drain = settings::drain(&get, policy.dry_run, DEFAULT_EXCLUDE_POD_LABELS)?;
         let metrics_addr = get("METRICS_ADDR").unwrap_or_else(|| DEFAULT_METRICS_ADDR.to_owned());
         Ok(Self {
             node_name: get("NODE_NAME").ok_or(ConfigError::Missing {
@@ -113,8 +114,8 @@ impl Config {
                 .unwrap_or_else(|| DEFAULT_IMDS_ENDPOINT.to_owned())
                 .trim_end_matches('/')
                 .to_owned(),
-            imds_v1_fallback: flag(&get, "IMDS_V1_FALLBACK", false)?,
-            token_ttl_seconds: number(&get, "IMDS_TOKEN_TTL_SECONDS")?
+            imds_v1_fallback: settings::flag(&get, "IMDS_V1_FALLBACK", false)?,
+            token_ttl_seconds: settings::number(&get, "IMDS_TOKEN_TTL_SECONDS")?
                 .map(|s: u64| s.clamp(1, DEFAULT_TOKEN_TTL_SECONDS))
                 .unwrap_or(DEFAULT_TOKEN_TTL_SECONDS),
             poll_interval: duration(&get, "POLL_INTERVAL")?.unwrap_or(DEFAULT_POLL_INTERVAL),
@@ -138,134 +139,6 @@ impl Config {
 /// optional values).
 pub fn env_lookup(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
-}
-
-fn policy(get: &impl Fn(&str) -> Option<String>) -> Result<Policy, ConfigError> {
-    Ok(Policy {
-        prefix: get("TAINT_PREFIX").unwrap_or_else(|| DEFAULT_PREFIX.to_owned()),
-        taint_effect: match get("TAINT_EFFECT") {
-            Some(value) => value.parse().map_err(|why| ConfigError::Invalid {
-                name: "TAINT_EFFECT",
-                value,
-                why,
-            })?,
-            None => TaintEffect::default(),
-        },
-        dry_run: flag(get, "DRY_RUN", false)?,
-        overrides: overrides(get)?,
-        exclude_from_load_balancers: flag(get, "EXCLUDE_FROM_LOAD_BALANCERS", false)?,
-        out_of_service_taint: flag(get, "OUT_OF_SERVICE_TAINT", false)?,
-    })
-}
-
-/// ACTIONS=`kind=response,...` and REBALANCE_DRAIN, read as the Lambda reads them.
-fn overrides(
-    get: &impl Fn(&str) -> Option<String>,
-) -> Result<HashMap<InterruptionKind, Response>, ConfigError> {
-    let mut map = HashMap::new();
-    if flag(get, "REBALANCE_DRAIN", false)? {
-        map.insert(
-            InterruptionKind::RebalanceRecommendation,
-            Response::Disrupt(Disruption::FULL),
-        );
-    }
-    let Some(value) = get("ACTIONS") else {
-        return Ok(map);
-    };
-    let invalid = |why: String| ConfigError::Invalid {
-        name: "ACTIONS",
-        value: value.clone(),
-        why,
-    };
-    for entry in value.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-        let (kind, response) = entry
-            .split_once('=')
-            .ok_or_else(|| invalid(format!("{entry:?} is not kind=action")))?;
-        let kind: InterruptionKind = kind.trim().parse().map_err(invalid)?;
-        let response: Response = response.trim().parse().map_err(invalid)?;
-        map.insert(kind, response);
-    }
-    Ok(map)
-}
-
-fn drain_settings(
-    get: &impl Fn(&str) -> Option<String>,
-    dry_run: bool,
-) -> Result<DrainSettings, ConfigError> {
-    let labels = get("EXCLUDE_POD_LABELS").unwrap_or_else(|| DEFAULT_EXCLUDE_POD_LABELS.into());
-    let exclude_pod_labels = labels
-        .split(',')
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .map(|pair| {
-            pair.split_once('=')
-                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-                .ok_or_else(|| ConfigError::Invalid {
-                    name: "EXCLUDE_POD_LABELS",
-                    value: labels.clone(),
-                    why: format!("{pair:?} is not key=value"),
-                })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let defaults = DrainSettings::default();
-    Ok(DrainSettings {
-        concurrency: number(get, "DRAIN_CONCURRENCY")?
-            .map(|n: usize| n.max(1))
-            .unwrap_or(defaults.concurrency),
-        eviction_retry_interval: number(get, "EVICTION_RETRY_SECONDS")?
-            .map(Duration::from_secs)
-            .unwrap_or(defaults.eviction_retry_interval),
-        grace_period_override: number(get, "POD_TERMINATION_GRACE_PERIOD")?,
-        evict_emptydir: flag(get, "DRAIN_EMPTYDIR_PODS", true)?,
-        evict_unmanaged: flag(get, "DRAIN_UNMANAGED_PODS", true)?,
-        exclude_namespaces: get("EXCLUDE_NAMESPACES")
-            .map(|v| {
-                v.split(',')
-                    .map(str::trim)
-                    .filter(|n| !n.is_empty())
-                    .map(str::to_owned)
-                    .collect()
-            })
-            .unwrap_or_default(),
-        exclude_pod_labels,
-        dry_run,
-        ..defaults
-    })
-}
-
-fn flag(
-    get: &impl Fn(&str) -> Option<String>,
-    name: &'static str,
-    default: bool,
-) -> Result<bool, ConfigError> {
-    match get(name).as_deref().map(str::to_ascii_lowercase).as_deref() {
-        None => Ok(default),
-        Some("false" | "0" | "no") => Ok(false),
-        Some("true" | "1" | "yes") => Ok(true),
-        Some(other) => Err(ConfigError::Invalid {
-            name,
-            value: other.to_owned(),
-            why: "expected true or false".into(),
-        }),
-    }
-}
-
-fn number<T: std::str::FromStr>(
-    get: &impl Fn(&str) -> Option<String>,
-    name: &'static str,
-) -> Result<Option<T>, ConfigError>
-where
-    T::Err: std::fmt::Display,
-{
-    get(name)
-        .map(|value| {
-            value.parse().map_err(|e: T::Err| ConfigError::Invalid {
-                name,
-                value,
-                why: e.to_string(),
-            })
-        })
-        .transpose()
 }
 
 /// `500ms`, `2s`, `10m`, or a bare number of seconds.
@@ -304,6 +177,8 @@ fn duration(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nth_core::{Disruption, InterruptionKind, Response, TaintEffect};
+    use std::collections::HashMap;
 
     fn config(args: &[&str], vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let map: HashMap<String, String> = vars

@@ -10,6 +10,7 @@ pub mod node;
 pub mod notify;
 pub mod policy;
 mod retry;
+pub mod settings;
 
 pub use drain::{DrainDeadline, DrainError, DrainReport, DrainSettings, Drainer};
 pub use events::{Interruption, InterruptionKind, LifecycleAction};

@@ -1,13 +1,12 @@
 //! The Lambda's configuration, from environment variables (see the README's reference).
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use std::collections::HashMap;
-
 use nth_core::notify::{Format, DEFAULT_TEMPLATE};
-use nth_core::policy::DEFAULT_PREFIX;
-use nth_core::{Disruption, DrainSettings, InterruptionKind, Policy, Response, TaintEffect};
+use nth_core::settings::{self, SettingError};
+use nth_core::{DrainSettings, Policy};
 
 /// The tag that marks an instance (or its Auto Scaling group) as one nth may act on, as
 /// aws-node-termination-handler's queue mode checks `aws-node-termination-handler/managed`.
@@ -20,6 +19,8 @@ const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error(transparent)]
+    Setting(#[from] SettingError),
     #[error("environment variable {name} is required: {why}")]
     Missing {
         name: &'static str,
@@ -151,51 +152,10 @@ impl Config {
             }
         };
         let policy = policy_from_lookup(&get)?;
-        let dry_run = policy.dry_run;
-        let exclude_pod_labels = match get("EXCLUDE_POD_LABELS") {
-            Some(value) => value
-                .split(',')
-                .map(str::trim)
-                .filter(|p| !p.is_empty())
-                .map(|pair| {
-                    pair.split_once('=')
-                        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-                        .ok_or_else(|| ConfigError::Invalid {
-                            name: "EXCLUDE_POD_LABELS",
-                            value: value.clone(),
-                            why: format!("{pair:?} is not key=value"),
-                        })
-                })
-                .collect::<Result<Vec<_>, _>>()?,
-            None => Vec::new(),
-        };
-        let defaults = DrainSettings::default();
-        let drain = DrainSettings {
-            concurrency: number(&get, "DRAIN_CONCURRENCY")?
-                .map(|n: usize| n.max(1))
-                .unwrap_or(defaults.concurrency),
-            eviction_retry_interval: number(&get, "EVICTION_RETRY_SECONDS")?
-                .map(Duration::from_secs)
-                .unwrap_or(defaults.eviction_retry_interval),
-            grace_period_override: number(&get, "POD_TERMINATION_GRACE_PERIOD")?,
-            evict_emptydir: flag_or(&get, "DRAIN_EMPTYDIR_PODS", true)?,
-            evict_unmanaged: flag_or(&get, "DRAIN_UNMANAGED_PODS", true)?,
-            exclude_namespaces: get("EXCLUDE_NAMESPACES")
-                .map(|v| {
-                    v.split(',')
-                        .map(str::trim)
-                        .filter(|n| !n.is_empty())
-                        .map(str::to_owned)
-                        .collect()
-                })
-                .unwrap_or_default(),
-            exclude_pod_labels,
-            dry_run,
-            ..defaults
-        };
-        let managed_tag = flag_or(&get, "CHECK_MANAGED_TAG", true)?
+        let drain = settings::drain(&get, policy.dry_run, "")?;
+        let managed_tag = settings::flag(&get, "CHECK_MANAGED_TAG", true)?
             .then(|| get("MANAGED_TAG").unwrap_or_else(|| DEFAULT_MANAGED_TAG.to_owned()));
-        let heartbeat_interval = number(&get, "LIFECYCLE_HEARTBEAT_SECONDS")?
+        let heartbeat_interval = settings::number(&get, "LIFECYCLE_HEARTBEAT_SECONDS")?
             .map(|s: u64| Duration::from_secs(s.max(1)))
             .unwrap_or(DEFAULT_HEARTBEAT);
         Ok(Self {
@@ -216,52 +176,7 @@ impl Config {
 
 /// The policy alone: all that `nth-lambda explain` needs, with no cluster settings.
 pub fn policy_from_lookup(get: &impl Fn(&str) -> Option<String>) -> Result<Policy, ConfigError> {
-    Ok(Policy {
-        prefix: get("TAINT_PREFIX").unwrap_or_else(|| DEFAULT_PREFIX.to_owned()),
-        taint_effect: match get("TAINT_EFFECT") {
-            Some(value) => value.parse().map_err(|why| ConfigError::Invalid {
-                name: "TAINT_EFFECT",
-                value,
-                why,
-            })?,
-            None => TaintEffect::default(),
-        },
-        dry_run: flag(get, "DRY_RUN")?,
-        overrides: overrides(get)?,
-        exclude_from_load_balancers: flag(get, "EXCLUDE_FROM_LOAD_BALANCERS")?,
-        out_of_service_taint: flag(get, "OUT_OF_SERVICE_TAINT")?,
-    })
-}
-
-/// ACTIONS=`kind=response,...` (e.g. `rebalance-recommendation=taint+cordon+drain,
-/// instance-stopping=ignore`), with REBALANCE_DRAIN=true as a shortcut for the first.
-fn overrides(
-    get: &impl Fn(&str) -> Option<String>,
-) -> Result<HashMap<InterruptionKind, Response>, ConfigError> {
-    let mut map = HashMap::new();
-    if flag(get, "REBALANCE_DRAIN")? {
-        map.insert(
-            InterruptionKind::RebalanceRecommendation,
-            Response::Disrupt(Disruption::FULL),
-        );
-    }
-    let Some(value) = get("ACTIONS") else {
-        return Ok(map);
-    };
-    let invalid = |why: String| ConfigError::Invalid {
-        name: "ACTIONS",
-        value: value.clone(),
-        why,
-    };
-    for entry in value.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-        let (kind, response) = entry
-            .split_once('=')
-            .ok_or_else(|| invalid(format!("{entry:?} is not kind=action")))?;
-        let kind: InterruptionKind = kind.trim().parse().map_err(invalid)?;
-        let response: Response = response.trim().parse().map_err(invalid)?;
-        map.insert(kind, response);
-    }
-    Ok(map)
+    Ok(settings::policy(get)?)
 }
 
 /// The process environment, with empty variables treated as unset (as SAM and Terraform
@@ -276,45 +191,6 @@ fn required(
     why: &'static str,
 ) -> Result<String, ConfigError> {
     get(name).ok_or(ConfigError::Missing { name, why })
-}
-
-fn flag(get: &impl Fn(&str) -> Option<String>, name: &'static str) -> Result<bool, ConfigError> {
-    flag_or(get, name, false)
-}
-
-fn flag_or(
-    get: &impl Fn(&str) -> Option<String>,
-    name: &'static str,
-    default: bool,
-) -> Result<bool, ConfigError> {
-    match get(name).as_deref().map(str::to_ascii_lowercase).as_deref() {
-        None => Ok(default),
-        Some("false" | "0" | "no") => Ok(false),
-        Some("true" | "1" | "yes") => Ok(true),
-        Some(other) => Err(ConfigError::Invalid {
-            name,
-            value: other.to_owned(),
-            why: "expected true or false".into(),
-        }),
-    }
-}
-
-fn number<T: std::str::FromStr>(
-    get: &impl Fn(&str) -> Option<String>,
-    name: &'static str,
-) -> Result<Option<T>, ConfigError>
-where
-    T::Err: std::fmt::Display,
-{
-    get(name)
-        .map(|value| {
-            value.parse().map_err(|e: T::Err| ConfigError::Invalid {
-                name,
-                value,
-                why: e.to_string(),
-            })
-        })
-        .transpose()
 }
 
 #[cfg(test)]
@@ -343,7 +219,7 @@ mod tests {
     fn defaults_are_what_the_readme_says() {
         let c = config(&CLUSTER).expect("valid");
         assert_eq!(c.policy.prefix, "node-termination-handler");
-        assert_eq!(c.policy.taint_effect, TaintEffect::NoSchedule);
+        assert_eq!(c.policy.taint_effect, nth_core::TaintEffect::NoSchedule);
         assert!(!c.policy.dry_run);
         assert_eq!(c.drain.concurrency, nth_core::drain::DEFAULT_CONCURRENCY);
     }
@@ -378,53 +254,6 @@ mod tests {
         let mut vars = CLUSTER.to_vec();
         vars.push(("CHECK_MANAGED_TAG", "false"));
         assert_eq!(config(&vars).expect("valid").managed_tag, None);
-    }
-
-    #[test]
-    fn actions_override_the_defaults_and_name_bad_entries() {
-        let mut vars = CLUSTER.to_vec();
-        vars.push((
-            "ACTIONS",
-            "instance-stopping=ignore, scheduled-maintenance=taint+cordon",
-        ));
-        vars.push(("REBALANCE_DRAIN", "true"));
-        let c = config(&vars).expect("valid");
-        assert_eq!(
-            c.policy.overrides[&InterruptionKind::InstanceStopping],
-            Response::Ignore
-        );
-        assert_eq!(
-            c.policy.overrides[&InterruptionKind::RebalanceRecommendation],
-            Response::Disrupt(Disruption::FULL)
-        );
-        let mut vars = CLUSTER.to_vec();
-        vars.push(("ACTIONS", "spot=drain"));
-        let err = config(&vars).expect_err("unknown kind").to_string();
-        assert!(err.contains("ACTIONS") && err.contains("spot"), "{err}");
-    }
-
-    #[test]
-    fn drain_selection_settings_parse() {
-        let mut vars = CLUSTER.to_vec();
-        vars.push(("EXCLUDE_NAMESPACES", "nth, kube-system"));
-        vars.push(("EXCLUDE_POD_LABELS", "app=nth-agent"));
-        vars.push(("DRAIN_EMPTYDIR_PODS", "false"));
-        let c = config(&vars).expect("valid");
-        assert_eq!(
-            c.drain.exclude_namespaces,
-            vec!["nth".to_owned(), "kube-system".to_owned()]
-        );
-        assert_eq!(
-            c.drain.exclude_pod_labels,
-            vec![("app".to_owned(), "nth-agent".to_owned())]
-        );
-        assert!(!c.drain.evict_emptydir && c.drain.evict_unmanaged);
-        let mut vars = CLUSTER.to_vec();
-        vars.push(("EXCLUDE_POD_LABELS", "app"));
-        assert!(config(&vars)
-            .expect_err("bad pair")
-            .to_string()
-            .contains("EXCLUDE_POD_LABELS"));
     }
 
     #[test]

@@ -14,6 +14,8 @@ TERRAFORM = ROOT / "terraform"
 RBAC = ROOT / "deploy" / "rbac.yaml"
 RBAC_NEEDS = ROOT / "deploy" / "rbac-needs.json"
 LAMBDA_SRC = ROOT / "lambda" / "src"
+# The settings the Lambda shares with the agent are read in core (core/src/settings.rs).
+CORE_SRC = ROOT / "core" / "src"
 
 # The Kubernetes group the access entry maps the role to and deploy/rbac.yaml binds.
 KUBERNETES_GROUP = "nth-node-termination-handler"

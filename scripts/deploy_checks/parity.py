@@ -3,7 +3,8 @@
 - every SAM parameter is a Terraform variable of the snake_case name, with the same default
   (Terraform's own: name, tags, lambda_zip_path);
 - the function's environment has the same variables in both, each fed by the same setting,
-  and they are exactly the variables the code reads (lambda/src, read by rust_scan);
+  and they are exactly the variables the code reads (lambda/src and the shared settings in
+  core/src, read by rust_scan);
 - one EventBridge rule per kind in both, with the same pattern and the same switch;
 - the same function, retry and queue settings;
 - the same alarms (metric, statistic, dimensions, threshold, description, actions) and the
@@ -21,7 +22,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import rust_scan  # noqa: E402
-from common import LAMBDA_SRC, Failures, hcl_object_to_python, load_cfn, snake, tf_module  # noqa: E402
+from common import CORE_SRC, LAMBDA_SRC, Failures, hcl_object_to_python, load_cfn, snake, tf_module  # noqa: E402
 
 TERRAFORM_ONLY = {"name", "tags", "lambda_zip_path"}
 # Read by the code, deliberately not offered by the templates.
@@ -245,7 +246,8 @@ def main() -> None:
             failures.add(f"environment variable {key} is set only in {'template.yaml' if key in t_env else 'terraform/'}")
         elif t_env[key] is None or f_env[key] is None or snake(t_env[key]) != f_env[key]:
             failures.add(f"environment variable {key} comes from parameter {t_env[key]} but from variable {f_env[key]}")
-    code_env = {k: v for k, v in rust_scan.scan(LAMBDA_SRC).env.items() if not NOT_CONFIGURED.match(k) and k not in NOT_OFFERED}
+    read = {**rust_scan.scan(CORE_SRC).env, **rust_scan.scan(LAMBDA_SRC).env}
+    code_env = {k: v for k, v in read.items() if not NOT_CONFIGURED.match(k) and k not in NOT_OFFERED}
     for key in sorted(set(code_env) - set(t_env)):
         failures.add(f"the code reads {key} ({', '.join(code_env[key])}) but the templates do not set it")
     for key in sorted(set(t_env) - set(code_env)):
