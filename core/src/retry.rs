@@ -18,8 +18,10 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 
 fn is_transient(error: &kube::Error) -> bool {
     match error {
+        // 401: the client's token was refused and has been dropped; the next attempt carries
+        // a fresh one. A role without access fails the same way four times, 1.4 s later.
         kube::Error::Api(status) => {
-            status.code == 429 || (status.code >= 500 && status.code != 501)
+            matches!(status.code, 401 | 429) || (status.code >= 500 && status.code != 501)
         }
         kube::Error::HyperError(_) | kube::Error::Service(_) => true,
         _ => false,

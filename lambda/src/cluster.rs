@@ -94,8 +94,15 @@ pub fn eks_client(
     let hyper_client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .build::<_, kube::client::Body>(https);
 
+    let refused = Arc::clone(&tokens);
     let service = ServiceBuilder::new()
         .layer(config.base_uri_layer())
+        .map_response(move |response: http::Response<hyper::body::Incoming>| {
+            if response.status() == http::StatusCode::UNAUTHORIZED {
+                refused.invalidate();
+            }
+            response
+        })
         .layer(tower::filter::AsyncFilterLayer::new(
             move |mut request: http::Request<kube::client::Body>| {
                 let tokens = Arc::clone(&tokens);

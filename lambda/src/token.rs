@@ -11,7 +11,7 @@ use aws_sigv4::http_request::{
 };
 use aws_sigv4::sign::v4;
 use base64::Engine;
-use tokio::sync::Mutex;
+use std::sync::Mutex;
 
 /// Prefix of every EKS token.
 pub const TOKEN_PREFIX: &str = "k8s-aws-v1.";
@@ -126,8 +126,7 @@ impl TokenSource {
     }
 
     pub async fn token(&self) -> Result<String, TokenError> {
-        let mut cached = self.cached.lock().await;
-        if let Some((token, minted)) = cached.as_ref() {
+        if let Some((token, minted)) = self.lock().as_ref() {
             if minted.elapsed() < TOKEN_REUSE {
                 return Ok(token.clone());
             }
@@ -141,8 +140,20 @@ impl TokenSource {
                 source,
             })?;
         let token = presign_token(&self.cluster, &self.region, credentials, SystemTime::now())?;
-        *cached = Some((token.clone(), Instant::now()));
+        *self.lock() = Some((token.clone(), Instant::now()));
         Ok(token)
+    }
+
+    /// Forgets the cached token, after the API server refused it (a clock far off, a
+    /// token it no longer accepts): the next request carries a fresh one.
+    pub fn invalidate(&self) {
+        *self.lock() = None;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(String, Instant)>> {
+        self.cached
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

@@ -126,3 +126,26 @@ async fn a_retried_event_after_a_partial_drain_finishes_the_work() -> anyhow::Re
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_refused_mid_drain_is_replaced() -> anyhow::Result<()> {
+    let mut behaviour = nth_tests::sandbox::sandbox_behaviour();
+    behaviour.replacement_ready_delay = std::time::Duration::from_secs(4);
+    let sandbox = Sandbox::start_with(&[], behaviour).await?;
+    // The API server now refuses any token older than a second: the PDB keeps the drain
+    // going for several seconds, so the function's cached token is refused mid-drain.
+    sandbox.kube.set_token_lifetime(1);
+
+    let outcome = sandbox.invoke(sandbox.spot_event("stale-token-1")).await?;
+
+    assert_eq!(outcome_of(&outcome), "drained");
+    assert!(
+        !sandbox.kube.auth_failures().is_empty(),
+        "the token was refused at least once"
+    );
+    assert!(
+        sandbox.kube.tokens_seen().len() >= 2,
+        "a fresh token followed the refusal"
+    );
+    Ok(())
+}

@@ -74,8 +74,9 @@ pub(super) async fn evict_until_accepted(
             Err(kube::Error::Api(status)) => match status.code {
                 404 | 409 => return Evicted::Gone,
                 429 => format!("PodDisruptionBudget: {}", status_reason(&status)),
-                // More than one PDB selects the pod, or a transient server error.
-                500 | 503 | 504 => format!("API server: {}", status_reason(&status)),
+                // More than one PDB selects the pod, or a transient server error; or the token
+                // was refused and the next attempt carries a fresh one.
+                401 | 500 | 503 | 504 => format!("API server: {}", status_reason(&status)),
                 403 if has_cause(&status, NAMESPACE_TERMINATING) => return Evicted::Accepted,
                 _ => {
                     return Evicted::Refused(format!("eviction failed: {}", status_reason(&status)))

@@ -10,7 +10,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::{Digest, Sha256};
 
 /// The authenticator accepts a token for 15 minutes after its X-Amz-Date.
-const TOKEN_LIFETIME_SECS: i64 = 15 * 60;
+pub const TOKEN_LIFETIME_SECS: i64 = 15 * 60;
 /// Tolerated clock skew for tokens dated in the future.
 const CLOCK_SKEW_SECS: i64 = 5 * 60;
 /// SHA-256 of an empty payload: what a presigned GET signs as its body.
@@ -48,7 +48,9 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// Checks an `Authorization` header value; `Err` says why the token is refused.
-pub fn verify(header: Option<&str>, config: &AuthConfig) -> Result<(), String> {
+/// Tokens older than `lifetime_secs` are refused (the authenticator's 15 minutes unless a
+/// test shortens it).
+pub fn verify(header: Option<&str>, config: &AuthConfig, lifetime_secs: i64) -> Result<(), String> {
     let header = header.ok_or("no Authorization header")?;
     let token = header.strip_prefix("Bearer ").ok_or("not a Bearer token")?;
     let encoded = token
@@ -107,9 +109,9 @@ pub fn verify(header: Option<&str>, config: &AuthConfig) -> Result<(), String> {
     let signed_at = NaiveDateTime::parse_from_str(date, "%Y%m%dT%H%M%SZ")
         .map_err(|_| format!("X-Amz-Date {date:?} is not a SigV4 date"))?;
     let age = (Utc::now() - Utc.from_utc_datetime(&signed_at)).num_seconds();
-    if !(-CLOCK_SKEW_SECS..=TOKEN_LIFETIME_SECS).contains(&age) {
+    if !(-CLOCK_SKEW_SECS..=lifetime_secs).contains(&age) {
         return Err(format!(
-            "token is {age} s old; the authenticator accepts 15 minutes"
+            "token is {age} s old; the authenticator accepts {lifetime_secs} s"
         ));
     }
     let credential = get("X-Amz-Credential").ok_or("X-Amz-Credential missing")?;

@@ -10,7 +10,7 @@ pub mod status;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -66,6 +66,7 @@ struct AppState {
     auth: Arc<AuthConfig>,
     evictions_in_flight: Arc<AtomicUsize>,
     max_evictions_in_flight: Arc<AtomicUsize>,
+    token_lifetime_secs: Arc<AtomicI64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -81,6 +82,7 @@ pub struct KubeApi {
     world: Arc<Mutex<World>>,
     seen: Arc<Mutex<Seen>>,
     max_evictions_in_flight: Arc<AtomicUsize>,
+    token_lifetime_secs: Arc<AtomicI64>,
     server: tokio::task::JoinHandle<()>,
 }
 
@@ -103,6 +105,7 @@ impl KubeApi {
             auth: Arc::new(auth),
             evictions_in_flight: Arc::new(AtomicUsize::new(0)),
             max_evictions_in_flight: Arc::new(AtomicUsize::new(0)),
+            token_lifetime_secs: Arc::new(AtomicI64::new(auth::TOKEN_LIFETIME_SECS)),
         };
         let router = router(state.clone());
         let server = serve_https(listener, router, &pki)?;
@@ -112,6 +115,7 @@ impl KubeApi {
             world: state.world,
             seen: state.seen,
             max_evictions_in_flight: state.max_evictions_in_flight,
+            token_lifetime_secs: state.token_lifetime_secs,
             server,
         })
     }
@@ -145,6 +149,11 @@ impl KubeApi {
             status,
             times,
         });
+    }
+
+    /// Refuses tokens older than `secs` from now on, as a server whose clock runs ahead would.
+    pub fn set_token_lifetime(&self, secs: i64) {
+        self.token_lifetime_secs.store(secs, Ordering::SeqCst);
     }
 
     /// The most evictions the server was handling at once.
@@ -234,7 +243,8 @@ async fn authenticate_and_record(
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let verdict = auth::verify(header.as_deref(), &state.auth);
+    let lifetime = state.token_lifetime_secs.load(Ordering::SeqCst);
+    let verdict = auth::verify(header.as_deref(), &state.auth, lifetime);
     let injected = {
         let mut seen = lock(&state.seen);
         let path = request.uri().path().to_owned();
