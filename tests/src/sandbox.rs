@@ -172,6 +172,16 @@ impl Sandbox {
         self.runtime.invoke(event, FUNCTION_TIMEOUT).await
     }
 
+    /// Another managed instance of the sandbox's cluster, with no node (yet).
+    pub async fn managed_instance_without_node(&self) -> anyhow::Result<Instance> {
+        self.moto
+            .run_instance(
+                "us-east-1a",
+                &[("eks:cluster-name", CLUSTER), (MANAGED_TAG, "true")],
+            )
+            .await
+    }
+
     /// A Ready node in the cluster for `instance`, with a DaemonSet pod and `pods` ReplicaSet
     /// pods (label app=api).
     pub fn add_node(&self, instance: &Instance, pods: usize) {

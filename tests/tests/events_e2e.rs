@@ -70,6 +70,20 @@ fn lifecycle_event(sandbox: &Sandbox, id: &str, detail_type: &str, destination: 
     )
 }
 
+/// A launch lifecycle action for `instance_id` on the hook `node-join`.
+fn launch_event(id: &str, instance_id: &str) -> Value {
+    event(
+        id,
+        "aws.autoscaling",
+        "EC2 Instance-launch Lifecycle Action",
+        instance_id,
+        json!({
+            "LifecycleActionToken": TOKEN, "AutoScalingGroupName": GROUP, "LifecycleHookName": "node-join",
+            "EC2InstanceId": instance_id, "LifecycleTransition": "autoscaling:EC2_INSTANCE_LAUNCHING",
+        }),
+    )
+}
+
 fn terminate_event(sandbox: &Sandbox, id: &str) -> Value {
     lifecycle_event(
         sandbox,
@@ -304,26 +318,11 @@ async fn lifecycle_test_notification_is_skipped() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn launch_lifecycle_waits_for_the_node_to_be_ready() -> anyhow::Result<()> {
     let sandbox = Sandbox::start(&[]).await?;
-    let instance = sandbox
-        .moto
-        .run_instance(
-            "us-east-1a",
-            &[("eks:cluster-name", CLUSTER), (MANAGED_TAG, "true")],
-        )
-        .await?;
+    let instance = sandbox.managed_instance_without_node().await?;
     sandbox
         .aws
         .add_pending(GROUP, "node-join", &instance.id, TOKEN);
-    let ev = event(
-        "ln-1",
-        "aws.autoscaling",
-        "EC2 Instance-launch Lifecycle Action",
-        &instance.id,
-        json!({
-            "LifecycleActionToken": TOKEN, "AutoScalingGroupName": GROUP, "LifecycleHookName": "node-join",
-            "EC2InstanceId": instance.id, "LifecycleTransition": "autoscaling:EC2_INSTANCE_LAUNCHING",
-        }),
-    );
+    let ev = launch_event("ln-1", &instance.id);
     // The node joins NotReady after 2 s and turns Ready 4 s later, as a kubelet does.
     let joining = {
         let node = fixtures::node(&instance.private_dns_name, &instance.id, "us-east-1a");
@@ -355,26 +354,11 @@ async fn launch_lifecycle_waits_for_the_node_to_be_ready() -> anyhow::Result<()>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn launch_whose_node_never_joins_is_left_to_the_hook_default() -> anyhow::Result<()> {
     let sandbox = Sandbox::start(&[]).await?;
-    let instance = sandbox
-        .moto
-        .run_instance(
-            "us-east-1a",
-            &[("eks:cluster-name", CLUSTER), (MANAGED_TAG, "true")],
-        )
-        .await?;
+    let instance = sandbox.managed_instance_without_node().await?;
     sandbox
         .aws
         .add_pending(GROUP, "node-join", &instance.id, TOKEN);
-    let ev = event(
-        "ln-2",
-        "aws.autoscaling",
-        "EC2 Instance-launch Lifecycle Action",
-        &instance.id,
-        json!({
-            "LifecycleActionToken": TOKEN, "AutoScalingGroupName": GROUP, "LifecycleHookName": "node-join",
-            "EC2InstanceId": instance.id, "LifecycleTransition": "autoscaling:EC2_INSTANCE_LAUNCHING",
-        }),
-    );
+    let ev = launch_event("ln-2", &instance.id);
     let r = response(
         sandbox.runtime.invoke(ev, Duration::from_secs(9)).await?,
         &sandbox,
@@ -603,13 +587,7 @@ async fn a_group_carrying_the_managed_tag_makes_its_instances_managed() -> anyho
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lifecycle_for_an_instance_without_a_node_completes() -> anyhow::Result<()> {
     let sandbox = Sandbox::start(&[]).await?;
-    let instance = sandbox
-        .moto
-        .run_instance(
-            "us-east-1a",
-            &[("eks:cluster-name", CLUSTER), (MANAGED_TAG, "true")],
-        )
-        .await?;
+    let instance = sandbox.managed_instance_without_node().await?;
     sandbox.aws.add_pending(GROUP, HOOK, &instance.id, TOKEN);
     let mut ev = terminate_event(&sandbox, "nn-1");
     ev["detail"]["EC2InstanceId"] = json!(instance.id);

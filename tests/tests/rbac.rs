@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use nth_tests::fixtures;
 use nth_tests::runtime_api::Outcome;
-use nth_tests::sandbox::{Sandbox, APP_NAMESPACE, CLUSTER, MANAGED_TAG};
+use nth_tests::sandbox::{Sandbox, APP_NAMESPACE};
 use serde_json::{json, Value};
 
 /// The (resource, verb) a request needs, as the API server's authorizer sees it.
@@ -71,13 +71,7 @@ async fn the_cluster_role_grants_exactly_what_the_function_uses() -> anyhow::Res
     let spot = sandbox.invoke(sandbox.spot_event("rbac-1")).await?;
     assert!(matches!(spot, Outcome::Response(_)), "{spot:?}");
     // A node not named after its instance's PrivateDnsName: found by listing nodes.
-    let instance = sandbox
-        .moto
-        .run_instance(
-            "us-east-1a",
-            &[("eks:cluster-name", CLUSTER), (MANAGED_TAG, "true")],
-        )
-        .await?;
+    let instance = sandbox.managed_instance_without_node().await?;
     sandbox
         .kube
         .world(|w| w.add_node(fixtures::node("custom-name-7", &instance.id, "us-east-1a")));
