@@ -10,8 +10,8 @@ use k8s_openapi::api::core::v1::Node;
 use nth_core::drain::DrainDeadline;
 use nth_core::node::provider_id_matches;
 use nth_core::{
-    Action, DrainReport, Drainer, EventType, Interruption, InterruptionKind, MarkOutcome,
-    NodeEvents, NodeMarker, Policy, RestoreOutcome,
+    Action, Drainer, EventType, Interruption, InterruptionKind, MarkOutcome, NodeEvents,
+    NodeMarker, Policy, RestoreOutcome,
 };
 use tokio::task::AbortHandle;
 use tracing::{error, info, info_span, warn, Instrument};
@@ -296,20 +296,8 @@ impl Agent {
             .mark(&node, interruption, taint.as_deref(), *cordon, *drain)
             .await?;
         if marked == MarkOutcome::Marked {
-            let message = format!(
-                "{} for instance {} (IMDS notice {}{}): {}",
-                interruption.kind.event_reason(),
-                interruption.instance_id,
-                interruption.id,
-                interruption
-                    .deadline
-                    .map(|d| format!(", instance expected to go at {}", d.to_rfc3339()))
-                    .unwrap_or_default(),
-                action.name(),
-            );
-            let reason = interruption.kind.event_reason();
             self.events
-                .emit(&node, EventType::Normal, reason, &message)
+                .interruption(&node, interruption, &action.name())
                 .await;
         }
         if !drain {
@@ -330,7 +318,9 @@ impl Agent {
         if self.policy.dry_run {
             return Ok("dry-run");
         }
-        self.report_drain(&node, interruption, &report).await;
+        self.events
+            .drain_outcome(&node, interruption, &report)
+            .await;
         if !report.complete {
             return Ok("drain-incomplete");
         }
@@ -489,35 +479,6 @@ impl Agent {
         self.metrics.action(kind.as_str(), outcome);
         info!(reason, outcome, "maintenance restore done");
         Ok(())
-    }
-
-    /// The drain's outcome as a Kubernetes Event on the node.
-    async fn report_drain(&self, node: &Node, interruption: &Interruption, report: &DrainReport) {
-        let (kind, reason, message) = if report.complete {
-            (
-                EventType::Normal,
-                "Drained",
-                format!(
-                    "Drained for {} (IMDS notice {}): {} pods evicted in {:.1} s",
-                    interruption.kind.event_reason(),
-                    interruption.id,
-                    report.evicted.len(),
-                    report.duration_ms as f64 / 1000.0
-                ),
-            )
-        } else {
-            (
-                EventType::Warning,
-                "DrainIncomplete",
-                format!(
-                    "Drain for {} (IMDS notice {}) ended at its deadline with {} pods left",
-                    interruption.kind.event_reason(),
-                    interruption.id,
-                    report.left.len()
-                ),
-            )
-        };
-        self.events.emit(node, kind, reason, &message).await;
     }
 
     fn lock_handled(&self) -> std::sync::MutexGuard<'_, HashMap<String, AbortHandle>> {

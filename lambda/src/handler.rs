@@ -455,24 +455,8 @@ impl Handler {
             cordon_notice = self.notify(self.notice(interruption, &node_name, &action.name()));
             result.cordoned_after_ms =
                 u64::try_from((Utc::now() - interruption.event_time).num_milliseconds()).ok();
-            let message = format!(
-                "{} for instance {} (event {}{}): {}",
-                interruption.kind.event_reason(),
-                interruption.instance_id,
-                interruption.id,
-                interruption
-                    .deadline
-                    .map(|d| format!(", instance expected to go at {}", d.to_rfc3339()))
-                    .unwrap_or_default(),
-                action.name(),
-            );
             self.events
-                .emit(
-                    &node,
-                    EventType::Normal,
-                    interruption.kind.event_reason(),
-                    &message,
-                )
+                .interruption(&node, interruption, &action.name())
                 .await;
         }
         if !drain {
@@ -528,7 +512,7 @@ impl Handler {
             }
         };
         if !self.policy.dry_run {
-            self.report_drain(node, interruption, &report).await;
+            self.events.drain_outcome(node, interruption, &report).await;
         }
         let outcome = if self.policy.dry_run {
             "dry-run"
@@ -579,42 +563,6 @@ impl Handler {
         Some(tokio::spawn(
             async move { hook.send(&notice).await }.instrument(tracing::Span::current()),
         ))
-    }
-
-    /// The drain's outcome as a Kubernetes Event on the node.
-    async fn report_drain(&self, node: &Node, interruption: &Interruption, report: &DrainReport) {
-        /// Pods named in an event message; the report in the log has them all.
-        const NAMED_PODS: usize = 5;
-        let seconds = report.duration_ms as f64 / 1000.0;
-        if report.complete {
-            let message = format!(
-                "Drained for {} (event {}): {} pods evicted, {} finished pods deleted in {seconds:.1} s",
-                interruption.kind.event_reason(),
-                interruption.id,
-                report.evicted.len(),
-                report.deleted.len(),
-            );
-            self.events
-                .emit(node, EventType::Normal, "Drained", &message)
-                .await;
-        } else {
-            let named: Vec<String> = report
-                .left
-                .iter()
-                .take(NAMED_PODS)
-                .map(|p| format!("{}: {}", p.pod, p.reason))
-                .collect();
-            let message = format!(
-                "Drain for {} (event {}) ended at its deadline with {} pods left: {}",
-                interruption.kind.event_reason(),
-                interruption.id,
-                report.left.len(),
-                named.join("; "),
-            );
-            self.events
-                .emit(node, EventType::Warning, "DrainIncomplete", &message)
-                .await;
-        }
     }
 
     /// For a launching instance: waits until its node has joined and is Ready, bounded by the

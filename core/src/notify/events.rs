@@ -83,3 +83,63 @@ impl NodeEvents {
         }
     }
 }
+
+/// Pods named in a DrainIncomplete event's message; the drain report in the log has them all.
+const NAMED_PODS: usize = 5;
+
+impl NodeEvents {
+    /// The interruption and what nth does about it, once the node is marked.
+    pub async fn interruption(
+        &self,
+        node: &Node,
+        interruption: &crate::Interruption,
+        action: &str,
+    ) {
+        let reason = interruption.kind.event_reason();
+        let deadline = interruption
+            .deadline
+            .map(|d| format!(", instance expected to go at {}", d.to_rfc3339()))
+            .unwrap_or_default();
+        let message = format!(
+            "{reason} for instance {} (event {}{deadline}): {action}",
+            interruption.instance_id, interruption.id,
+        );
+        self.emit(node, EventType::Normal, reason, &message).await;
+    }
+
+    /// How the drain ended: `Drained`, or a `DrainIncomplete` warning naming what stayed.
+    pub async fn drain_outcome(
+        &self,
+        node: &Node,
+        interruption: &crate::Interruption,
+        report: &crate::DrainReport,
+    ) {
+        let reason = interruption.kind.event_reason();
+        let seconds = report.duration_ms as f64 / 1000.0;
+        if report.complete {
+            let message = format!(
+                "Drained for {reason} (event {}): {} pods evicted, {} finished pods deleted in {seconds:.1} s",
+                interruption.id,
+                report.evicted.len(),
+                report.deleted.len(),
+            );
+            self.emit(node, EventType::Normal, "Drained", &message)
+                .await;
+        } else {
+            let named: Vec<String> = report
+                .left
+                .iter()
+                .take(NAMED_PODS)
+                .map(|p| format!("{}: {}", p.pod, p.reason))
+                .collect();
+            let message = format!(
+                "Drain for {reason} (event {}) ended at its deadline with {} pods left: {}",
+                interruption.id,
+                report.left.len(),
+                named.join("; "),
+            );
+            self.emit(node, EventType::Warning, "DrainIncomplete", &message)
+                .await;
+        }
+    }
+}
