@@ -1,5 +1,5 @@
-//! The real `nth-lambda` binary as a child process under the Runtime API emulator, its JSON
-//! log lines captured for assertions.
+//! The real binaries (`nth-lambda`, `nth-agent`) as child processes, their JSON log lines
+//! captured for assertions.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -33,17 +33,22 @@ pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
 }
 
 #[derive(Debug)]
-pub struct LambdaProcess {
+pub struct Process {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
 }
 
-impl LambdaProcess {
-    /// Starts `nth-lambda` with exactly `env` (nothing inherited, so the host's AWS settings
-    /// cannot leak in).
-    pub fn spawn(env: &BTreeMap<String, String>) -> anyhow::Result<Self> {
-        let binary = workspace_binary("nth-lambda")?;
+impl Process {
+    /// Starts the workspace binary `name` with `args` and exactly `env` (nothing inherited, so
+    /// the host's AWS settings cannot leak in).
+    pub fn spawn(
+        name: &str,
+        args: &[&std::ffi::OsStr],
+        env: &BTreeMap<String, String>,
+    ) -> anyhow::Result<Self> {
+        let binary = workspace_binary(name)?;
         let mut child = Command::new(&binary)
+            .args(args)
             .env_clear()
             .envs(env)
             .stdout(Stdio::piped())
@@ -99,6 +104,11 @@ impl LambdaProcess {
         false
     }
 
+    /// Everything written so far, as one text.
+    pub fn output_text(&self) -> String {
+        self.output().join("\n")
+    }
+
     /// The lines that are JSON log records.
     pub fn log_records(&self) -> Vec<Value> {
         self.output()
@@ -114,5 +124,9 @@ impl LambdaProcess {
 
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub async fn stop(mut self) {
+        let _already_gone = self.child.kill().await;
     }
 }

@@ -13,7 +13,7 @@ use crate::autoscaling::AwsFront;
 use crate::fixtures;
 use crate::kube::{AuthConfig, Behaviour, KubeApi};
 use crate::moto::{Instance, Moto};
-use crate::process::LambdaProcess;
+use crate::process::Process;
 use crate::runtime_api::{Outcome, RuntimeApi};
 use crate::{TEST_ACCESS_KEY, TEST_REGION, TEST_SECRET_KEY, TEST_SESSION_TOKEN};
 
@@ -44,7 +44,7 @@ pub struct Sandbox {
     pub aws: AwsFront,
     pub kube: KubeApi,
     pub runtime: RuntimeApi,
-    pub lambda: LambdaProcess,
+    pub lambda: Process,
     pub instance: Instance,
 }
 
@@ -124,7 +124,7 @@ impl Sandbox {
         for (k, v) in env {
             vars.insert((*k).to_owned(), (*v).to_owned());
         }
-        let lambda = LambdaProcess::spawn(&vars)?;
+        let lambda = Process::spawn("nth-lambda", &[], &vars)?;
         Ok(Self {
             moto,
             aws,

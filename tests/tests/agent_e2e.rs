@@ -3,18 +3,15 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{TimeDelta, Utc};
 use nth_tests::fixtures;
 use nth_tests::imds::{Fault, ImdsEmulator};
 use nth_tests::kube::{AuthConfig, Behaviour, KubeApi};
-use nth_tests::process::workspace_binary;
+use nth_tests::process::Process;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CLUSTER: &str = "agent-test";
 const NODE: &str = "ip-10-0-7-21.ec2.internal";
@@ -105,8 +102,12 @@ impl World {
         env
     }
 
-    fn agent(&self, extra: &[(&str, &str)]) -> anyhow::Result<Agent> {
-        Agent::spawn(&self.kubeconfig, &self.env(extra))
+    fn agent(&self, extra: &[(&str, &str)]) -> anyhow::Result<Process> {
+        Process::spawn(
+            "nth-agent",
+            &["--kubeconfig".as_ref(), self.kubeconfig.as_os_str()],
+            &self.env(extra),
+        )
     }
 
     fn node(&self) -> Value {
@@ -143,70 +144,8 @@ fn node_info(boot: &str) -> Value {
     })
 }
 
-/// The agent process, its output captured.
-struct Agent {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Agent {
-    fn spawn(kubeconfig: &std::path::Path, env: &BTreeMap<String, String>) -> anyhow::Result<Self> {
-        let mut child = Command::new(workspace_binary("nth-agent")?)
-            .arg("--kubeconfig")
-            .arg(kubeconfig)
-            .env_clear()
-            .envs(env)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()?;
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let streams: [Option<Box<dyn tokio::io::AsyncRead + Send + Unpin>>; 2] = [
-            child.stdout.take().map(|s| Box::new(s) as _),
-            child.stderr.take().map(|s| Box::new(s) as _),
-        ];
-        for stream in streams.into_iter().flatten() {
-            let lines = Arc::clone(&lines);
-            tokio::spawn(async move {
-                let mut reader = BufReader::new(stream).lines();
-                while let Ok(Some(line)) = reader.next_line().await {
-                    lines
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .push(line);
-                }
-            });
-        }
-        Ok(Self { child, lines })
-    }
-
-    fn output(&self) -> String {
-        self.lines
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .join("\n")
-    }
-
-    fn records(&self) -> Vec<Value> {
-        self.lines
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-
-    fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    async fn stop(mut self) {
-        let _ = self.child.kill().await;
-    }
-}
-
 /// Waits until `check` holds, failing with the agent's log if it never does.
-async fn eventually(agent: &Agent, what: &str, mut check: impl FnMut() -> bool) {
+async fn eventually(agent: &Process, what: &str, mut check: impl FnMut() -> bool) {
     let start = Instant::now();
     while start.elapsed() < PATIENCE {
         if check() {
@@ -216,7 +155,7 @@ async fn eventually(agent: &Agent, what: &str, mut check: impl FnMut() -> bool) 
     }
     panic!(
         "timed out waiting for {what}; agent output:\n{}",
-        agent.output()
+        agent.output_text()
     );
 }
 
@@ -356,7 +295,7 @@ async fn spot_notice_cordons_taints_and_drains_once_by_the_notices_deadline() ->
     );
 
     // Every log line is JSON naming the node; the notice's lines name the notice.
-    let records = agent.records();
+    let records = agent.log_records();
     assert!(!records.is_empty());
     for r in &records {
         assert!(
@@ -382,7 +321,7 @@ async fn rebalance_recommendation_taints_and_cordons_only() -> anyhow::Result<()
     let node = world.node();
     assert!(taint_keys(&node).contains(&format!("{PREFIX}/rebalance-recommendation")));
     eventually(&agent, "the outcome counted", || {
-        agent.output().contains("\"outcome\":\"marked\"")
+        agent.output_text().contains("\"outcome\":\"marked\"")
     })
     .await;
     assert_eq!(world.app_pods_left(), 4, "nothing evicted");
@@ -431,7 +370,7 @@ async fn scheduled_reboot_drains_then_uncordons_once_the_node_has_rebooted() -> 
     });
     // Uncordoned, then the record dropped, then counted and logged.
     eventually(&agent, "the restore done", || {
-        agent.output().contains("maintenance restore done")
+        agent.output_text().contains("maintenance restore done")
     })
     .await;
     let node = world.node();
@@ -482,7 +421,7 @@ async fn a_restarted_agent_uncordons_after_the_reboot() -> anyhow::Result<()> {
     });
     let agent = world.agent(&[])?;
     eventually(&agent, "the restore done", || {
-        agent.output().contains("maintenance restore done")
+        agent.output_text().contains("maintenance restore done")
     })
     .await;
     assert!(!cordoned(&world.node()));
@@ -575,14 +514,14 @@ async fn imds_errors_and_hangs_do_not_stop_the_agent() -> anyhow::Result<()> {
     assert!(
         agent.is_running(),
         "500s do not crash the agent:\n{}",
-        agent.output()
+        agent.output_text()
     );
     world.imds.set_fault(Fault::Hang);
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(
         agent.is_running(),
         "hangs do not crash the agent:\n{}",
-        agent.output()
+        agent.output_text()
     );
     assert!(!cordoned(&world.node()));
     let metrics = world.metrics().await?;
@@ -668,7 +607,7 @@ async fn imdsv1_is_used_only_when_allowed() -> anyhow::Result<()> {
 
     let mut strict = world.agent(&[])?;
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert!(strict.is_running(), "{}", strict.output());
+    assert!(strict.is_running(), "{}", strict.output_text());
     assert!(!cordoned(&world.node()), "no IMDSv1 unless allowed");
     assert!(
         world.imds.requests().iter().all(|r| r.method == "PUT"),
@@ -703,7 +642,11 @@ async fn dry_run_writes_nothing() -> anyhow::Result<()> {
         .imds
         .set_scheduled(maintenance("system-reboot", "active", "instance-event-dry"));
     eventually(&agent, "both notices handled", || {
-        agent.output().matches("\"outcome\":\"dry-run\"").count() >= 2
+        agent
+            .output_text()
+            .matches("\"outcome\":\"dry-run\"")
+            .count()
+            >= 2
     })
     .await;
     let writes: Vec<_> = world
@@ -732,9 +675,9 @@ async fn a_node_of_another_instance_is_refused() -> anyhow::Result<()> {
         "the agent must refuse another instance's node"
     );
     assert!(
-        agent.output().contains("not this instance"),
+        agent.output_text().contains("not this instance"),
         "{}",
-        agent.output()
+        agent.output_text()
     );
     assert_eq!(world.node_patches(), 0);
     Ok(())
