@@ -95,3 +95,13 @@ pub fn pdb_max_unavailable(namespace: &str, name: &str, app: &str, max_unavailab
         "spec": { "maxUnavailable": max_unavailable, "selector": { "matchLabels": { "app": app } } },
     })
 }
+
+/// The keys of a node's taints, as `kubectl describe node` lists them.
+pub fn taint_keys(node: &Value) -> Vec<String> {
+    node["spec"]["taints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t["key"].as_str().map(str::to_owned))
+        .collect()
+}

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use chrono::{TimeDelta, Utc};
-use nth_tests::fixtures;
+use nth_tests::fixtures::{self, taint_keys};
 use nth_tests::imds::{Fault, ImdsEmulator};
 use nth_tests::kube::{AuthConfig, Behaviour, KubeApi};
 use nth_tests::process::Process;
@@ -170,15 +170,6 @@ async fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
     let mut response = String::new();
     stream.read_to_string(&mut response).await?;
     Ok(response)
-}
-
-fn taint_keys(node: &Value) -> Vec<String> {
-    node["spec"]["taints"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|t| t["key"].as_str().map(str::to_owned))
-        .collect()
 }
 
 fn annotation(node: &Value, suffix: &str) -> Option<String> {

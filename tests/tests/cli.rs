@@ -30,19 +30,24 @@ fn stdout_json(output: &Output) -> Value {
     })
 }
 
-#[test]
-fn explain_plans_the_sample_spot_event() -> anyhow::Result<()> {
-    let path = sample("spot-interruption-warning.json");
+/// `nth-lambda explain` on a sample event, with no settings: its JSON plan.
+fn explain(file: &str) -> anyhow::Result<Value> {
+    let path = sample(file);
     let output = run(
         &["explain", path.to_str().unwrap_or_default()],
         &Default::default(),
     )?;
-    assert!(
+    anyhow::ensure!(
         output.status.success(),
-        "{}",
+        "{file}: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let plan = stdout_json(&output);
+    Ok(stdout_json(&output))
+}
+
+#[test]
+fn explain_plans_the_sample_spot_event() -> anyhow::Result<()> {
+    let plan = explain("spot-interruption-warning.json")?;
     let first = &plan["interruptions"][0];
     assert_eq!(first["kind"], "spot-interruption");
     assert_eq!(first["instance_id"], "i-0b662ef9931388ba0");
@@ -241,17 +246,7 @@ fn explain_plans_every_sample_event() -> anyhow::Result<()> {
         ),
     ];
     for (file, kind, action) in expected {
-        let path = sample(file);
-        let output = run(
-            &["explain", path.to_str().unwrap_or_default()],
-            &Default::default(),
-        )?;
-        assert!(
-            output.status.success(),
-            "{file}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let plan = stdout_json(&output);
+        let plan = explain(file)?;
         let list = plan["interruptions"]
             .as_array()
             .cloned()

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use nth_tests::fixtures;
+use nth_tests::fixtures::{self, taint_keys};
 use nth_tests::kube::state::is_terminating;
 use nth_tests::runtime_api::Outcome;
 use nth_tests::sandbox::{event, sandbox_behaviour, Sandbox, APP_NAMESPACE, CLUSTER, MANAGED_TAG};
@@ -24,15 +24,6 @@ fn response(outcome: Outcome, sandbox: &Sandbox) -> Value {
             sandbox.lambda.output().join("\n")
         ),
     }
-}
-
-fn taint_keys(node: &Value) -> Vec<String> {
-    node["spec"]["taints"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|t| t["key"].as_str().map(str::to_owned))
-        .collect()
 }
 
 /// Workload pods (not DaemonSet or mirror) still on the node and not terminating.
