@@ -67,6 +67,24 @@ def load_cfn(path: Path = TEMPLATE) -> dict[str, Any]:
         return yaml.load(f, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
 
 
+def cfn_resources(template: dict[str, Any]) -> dict[str, Any]:
+    """The template's resources by logical id; a resource inside an `Fn::ForEach` loop
+    (AWS::LanguageExtensions) appears once, under its logical-id template
+    (`ClusterAccessEntry&{Cluster}`), with the loop's variable left as `!Ref Cluster`."""
+    out: dict[str, Any] = {}
+
+    def walk(section: dict[str, Any]) -> None:
+        for key, value in section.items():
+            if key.startswith("Fn::ForEach::"):
+                _identifier, _collection, body = value
+                walk(body)
+            else:
+                out[key] = value
+
+    walk(template.get("Resources", {}))
+    return out
+
+
 def cfn_branches(value: Any) -> list[Any]:
     """Every value an `Fn::If` may produce (both branches, recursively); AWS::NoValue drops out."""
     if isinstance(value, dict) and set(value) == {"Fn::If"}:

@@ -20,7 +20,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import rust_scan  # noqa: E402
-from common import LAMBDA_SRC, Failures, as_list, cfn_branches, load_cfn, tf_module  # noqa: E402
+from common import LAMBDA_SRC, Failures, as_list, cfn_branches, cfn_resources, load_cfn, tf_module  # noqa: E402
 
 # Granted for Lambda's own use, not for a call in the code.
 LAMBDA_USES = {
@@ -32,7 +32,7 @@ MANAGED = {"AWSLambdaBasicExecutionRole", "AWSLambdaVPCAccessExecutionRole"}
 def template_grants() -> tuple[set[str], set[str]]:
     """(actions, managed policy names) of the role the template's function runs as."""
     template = load_cfn()
-    resources = template["Resources"]
+    resources = cfn_resources(template)
     functions = [r for r in resources.values() if r["Type"] in ("AWS::Serverless::Function", "AWS::Lambda::Function")]
     if len(functions) != 1:
         raise SystemExit(f"template.yaml: expected one function, found {len(functions)}")

@@ -22,7 +22,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import rust_scan  # noqa: E402
-from common import CORE_SRC, LAMBDA_SRC, Failures, hcl_object_to_python, load_cfn, snake, tf_module  # noqa: E402
+from common import CORE_SRC, LAMBDA_SRC, Failures, cfn_resources, hcl_object_to_python, load_cfn, snake, tf_module  # noqa: E402
 
 TERRAFORM_ONLY = {"name", "tags", "lambda_zip_path"}
 # Read by the code, deliberately not offered by the templates.
@@ -76,7 +76,7 @@ def template_rules(template: dict[str, Any]) -> dict[str, tuple[str | None, Any]
     """detail-type -> (switch parameter, pattern)."""
     conditions = template.get("Conditions", {})
     rules = {}
-    for resource in template["Resources"].values():
+    for resource in cfn_resources(template).values():
         if resource["Type"] != "AWS::Events::Rule":
             continue
         cond = conditions.get(resource.get("Condition", ""), {})
@@ -157,7 +157,7 @@ def tf_value(expr: Any) -> Any:
 
 def template_alarms(template: dict[str, Any]) -> dict[str, dict[str, Any]]:
     alarms = {}
-    for rid, r in template["Resources"].items():
+    for rid, r in cfn_resources(template).items():
         if r["Type"] != "AWS::CloudWatch::Alarm":
             continue
         p = r["Properties"]
@@ -196,7 +196,7 @@ def terraform_alarms(module: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def template_dashboard(template: dict[str, Any]) -> list[Any] | None:
-    boards = [r for r in template["Resources"].values() if r["Type"] == "AWS::CloudWatch::Dashboard"]
+    boards = [r for r in cfn_resources(template).values() if r["Type"] == "AWS::CloudWatch::Dashboard"]
     if not boards:
         return None
     body = boards[0]["Properties"]["DashboardBody"]["Fn::Sub"]
@@ -236,7 +236,7 @@ def main() -> None:
         failures.add(f"variable {var} has no parameter in template.yaml")
 
     # Environment.
-    functions = [r for r in template["Resources"].values() if r["Type"] == "AWS::Serverless::Function"]
+    functions = [r for r in cfn_resources(template).values() if r["Type"] == "AWS::Serverless::Function"]
     props = functions[0]["Properties"]
     t_env = {k: cfn_param(v) for k, v in props["Environment"]["Variables"].items()}
     locals_ = module["locals"]
@@ -266,7 +266,7 @@ def main() -> None:
             failures.add(f"rule for {detail_type!r}: switched by parameter {t_switch} but variable {f_switch}")
 
     # Settings written as literals in both.
-    res = template["Resources"]
+    res = cfn_resources(template)
     invoke = next(r for r in res.values() if r["Type"] == "AWS::Lambda::EventInvokeConfig")["Properties"]
     queue = next(r for r in res.values() if r["Type"] == "AWS::SQS::Queue")["Properties"]
     tf_res = module["resource"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import KUBERNETES_GROUP, RBAC, RBAC_NEEDS, Failures, load_cfn, tf_module  # noqa: E402
+from common import KUBERNETES_GROUP, RBAC, RBAC_NEEDS, Failures, cfn_resources, load_cfn, tf_module  # noqa: E402
 
 
 def main() -> None:
@@ -69,18 +69,26 @@ def main() -> None:
     if subjects != [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": KUBERNETES_GROUP}]:
         failures.add(f"the binding's subjects must be exactly the Group {KUBERNETES_GROUP}, found {subjects}")
 
-    # The access entries map the role to that group.
+    # Every access entry (ClusterName's, and one per cluster in Clusters) maps the role to
+    # that group.
     template = load_cfn()
-    entries = [r for r in template["Resources"].values() if r["Type"] == "AWS::EKS::AccessEntry"]
-    if [e["Properties"].get("KubernetesGroups") for e in entries] != [[KUBERNETES_GROUP]]:
-        failures.add(f"template.yaml: the access entry must map the role to [{KUBERNETES_GROUP}]")
+    entries = {k: r for k, r in cfn_resources(template).items() if r["Type"] == "AWS::EKS::AccessEntry"}
+    if not entries:
+        failures.add("template.yaml: no access entry")
+    for key, entry in entries.items():
+        if entry["Properties"].get("KubernetesGroups") != [KUBERNETES_GROUP]:
+            failures.add(f"template.yaml: access entry {key} must map the role to [{KUBERNETES_GROUP}]")
     module = tf_module()
-    tf_entries = [v for k, v in module["resource"].items() if k.startswith("aws_eks_access_entry.")]
+    tf_entries = {k: v for k, v in module["resource"].items() if k.startswith("aws_eks_access_entry.")}
     group_local = module["locals"].get("kubernetes_group")
-    if len(tf_entries) != 1 or tf_entries[0].get("kubernetes_groups") not in ([KUBERNETES_GROUP], ["${local.kubernetes_group}"]) or (
-        tf_entries[0].get("kubernetes_groups") == ["${local.kubernetes_group}"] and group_local != KUBERNETES_GROUP
-    ):
-        failures.add(f"terraform/: the access entry must map the role to [{KUBERNETES_GROUP}]")
+    if not tf_entries:
+        failures.add("terraform/: no access entry")
+    for key, entry in tf_entries.items():
+        groups = entry.get("kubernetes_groups")
+        if groups not in ([KUBERNETES_GROUP], ["${local.kubernetes_group}"]) or (
+            groups == ["${local.kubernetes_group}"] and group_local != KUBERNETES_GROUP
+        ):
+            failures.add(f"terraform/: {key} must map the role to [{KUBERNETES_GROUP}]")
 
     failures.finish(f"{len(granted)} rules, each listed with its reason, bound to the group {KUBERNETES_GROUP}")
 

@@ -6,9 +6,13 @@
   `aws_sdk_<service>::Client` (struct fields, arguments, `let x = aws_sdk_x::Client::new(..)`),
   or any receiver when the file uses only one SDK crate. Every `.send()` chain must resolve to
   an operation, or the scan fails: a call it cannot attribute is a permission it cannot check.
-- AWS calls the code signs itself (the JSON protocols): an `x-amz-target` header
-  `"<target prefix>.<Operation>"`, e.g. `("x-amz-target", "secretsmanager.GetSecretValue")`;
-  the prefix must be one of TARGET_PREFIX's, or the scan fails.
+- AWS calls the code signs itself: the `action` field of a `SignedCall { .. }` literal
+  (lambda/src/signed.rs), `action: "<IAM prefix>:<Operation>"`, e.g.
+  `SignedCall { action: "eks:DescribeCluster", service: "eks", .. }`; an `action` that is not
+  such a string literal fails the scan. Also an `x-amz-target` header
+  `"<target prefix>.<Operation>"` (the JSON protocols), e.g.
+  `("x-amz-target", "secretsmanager.GetSecretValue")`; its prefix must be one of
+  TARGET_PREFIX's, or the scan fails.
 - Environment variables: string literals passed to `get("X")`, `flag(get, "X")`,
   `number(&get, "X")`, `required(&get, "X", ..)`, `std::env::var("X")` and the like.
 
@@ -335,6 +339,39 @@ def scan(src: Path) -> Scan:
                 text = " ".join(t[m.start() - 120 : m.end()].split())
                 result.unresolved.append(f"{rel}:{line_of(m.start())}: cannot tell which AWS operation this .send() sends: ...{text[-100:]}")
 
+    # Requests signed by hand: a SignedCall literal names its IAM action.
+    for p, t in texts.items():
+        code = codes[p]
+        structure = masked[p]
+        rel = str(p.relative_to(root))
+        # In the structure text (strings blanked), so `struct SignedCall<'a> {` and a
+        # `SignedCall {` inside a string or comment do not count; `{` right after the name
+        # is a struct literal (or a pattern, which names the field the same way).
+        for m in re.finditer(r"(?<![\w:])(?:\w+\s*::\s*)*SignedCall\s*\{", structure):
+            if re.search(r"\b(?:struct|enum|impl|for)\s+$", structure[max(0, m.start() - 20) : m.start()]):
+                continue
+            depth, j = 1, m.end()
+            while j < len(structure) and depth:
+                if structure[j] == "{":
+                    depth += 1
+                elif structure[j] == "}":
+                    depth -= 1
+                j += 1
+            body = code[m.end() : j - 1]
+            field_at = _top_level_field(structure[m.end() : j - 1], "action")
+            line = code.count("\n", 0, m.start()) + 1
+            if field_at is None:
+                result.unresolved.append(f"{rel}:{line}: SignedCall literal without an `action` field")
+                continue
+            value = re.match(r'\s*"([a-z0-9-]+):([A-Z][A-Za-z0-9]*)"\s*(?:,|$)', body[field_at:])
+            if value is None:
+                text = " ".join(body[field_at : field_at + 80].split())
+                result.unresolved.append(
+                    f"{rel}:{line}: SignedCall action is not a literal \"<iam-prefix>:<Operation>\": {text}"
+                )
+                continue
+            result.signed.append(SignedCall(f"{value.group(1)}:{value.group(2)}", rel, line))
+
     # Requests signed by hand: the JSON protocols name the operation in x-amz-target.
     for p, t in texts.items():
         code = codes[p]
@@ -357,6 +394,21 @@ def scan(src: Path) -> Scan:
         ):
             result.env.setdefault(m.group(1), []).append(f"{rel}:{t.count(chr(10), 0, m.start()) + 1}")
     return result
+
+
+def _top_level_field(body: str, name: str) -> int | None:
+    """Where the value of field `name` starts in a struct literal's body (strings blanked),
+    looking only at the literal's own fields, not those of nested literals."""
+    depth = 0
+    for m in re.finditer(r"[{}()\[\]]|\b" + re.escape(name) + r"\s*:(?!:)", body):
+        token = m.group(0)
+        if token in "{([":
+            depth += 1
+        elif token in "})]":
+            depth -= 1
+        elif depth == 0 and body[: m.start()].rstrip()[-1:] in ("", ","):
+            return m.end()
+    return None
 
 
 def _sends_non_sdk(chain: list[tuple[str, str | None]]) -> bool:

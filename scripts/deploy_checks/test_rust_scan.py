@@ -119,6 +119,56 @@ class AwsCalls(unittest.TestCase):
         s = scan(lib='const H: (&str, &str) = ("X-Amz-Target", "Unheard_20990101.DoThing");')
         self.assertEqual(len(s.unresolved), 1, s.unresolved)
 
+    def test_signed_call_literals_name_their_action(self) -> None:
+        s = scan(
+            signed="""
+            /// `SignedCall { action: "ec2:InADocComment" }` does not count.
+            pub struct SignedCall<'a> {
+                pub action: &'static str,
+                pub path: &'a str,
+            }
+            """,
+            clusters="""
+            async fn describe(aws: &SdkConfig, path: &str) {
+                let answer = signed::send(
+                    aws,
+                    SignedCall {
+                        service: "eks",
+                        action: "eks:DescribeCluster",
+                        method: "GET",
+                        path,
+                        headers: &[("x", "action: \\"s3:InAString\\"")],
+                        body: String::new(),
+                    },
+                )
+                .await;
+                let next = crate::signed::SignedCall { action: "lambda:InvokeFunction", path: &p };
+                let _ = "SignedCall { action: \\"sqs:InAString\\" }";
+            }
+            #[cfg(test)]
+            mod tests {
+                fn t() { let _ = SignedCall { action: "iam:OnlyInATest", path: "/" }; }
+            }
+            """,
+        )
+        self.assertEqual(set(s.actions), {"eks:DescribeCluster", "lambda:InvokeFunction"})
+        self.assertEqual(s.actions["eks:DescribeCluster"], ["crate/src/clusters.rs:5"])
+        self.assertEqual(s.unresolved, [])
+
+    def test_a_signed_call_whose_action_is_not_a_literal_is_reported(self) -> None:
+        s = scan(
+            lib="""
+            fn f(action: &'static str) {
+                send(SignedCall { action, path: "/" });
+                send(SignedCall { action: ACTION, path: "/" });
+                send(SignedCall { action: "DescribeCluster", path: "/" });
+                send(SignedCall { path: "/", body: Body { action: "eks:Nested" } });
+            }
+            """
+        )
+        self.assertEqual(s.actions, {})
+        self.assertEqual(len(s.unresolved), 4, s.unresolved)
+
     def test_client_methods_are_not_operations(self) -> None:
         s = scan(lib="fn f(c: aws_sdk_ec2::Client) { let _ = c.config(); c.clone(); }")
         self.assertEqual(s.actions, {})
