@@ -19,6 +19,14 @@ locals {
 
   use_vpc = length(var.subnet_ids) > 0
 
+  # The clusters served: cluster_name, or clusters (names, or "*" for every cluster).
+  served_clusters = length(var.clusters) > 0 ? var.clusters : [var.cluster_name]
+  describe_cluster_arns = [
+    for name in local.served_clusters : "arn:${local.partition}:eks:${local.region}:${local.account_id}:cluster/${name}"
+  ]
+  # An access entry in each named cluster of clusters; "*" names none.
+  listed_access_entry_clusters = var.create_access_entry ? toset([for name in var.clusters : name if name != "*"]) : toset([])
+
   group_arn_prefix = "arn:${local.partition}:autoscaling:${local.region}:${local.account_id}:autoScalingGroup:*:autoScalingGroupName/"
   lifecycle_group_arns = (
     length(var.auto_scaling_group_names) > 0
@@ -28,9 +36,6 @@ locals {
 
   # Always set: the function's documented defaults are the variables' defaults.
   required_environment = {
-    CLUSTER_NAME                = var.cluster_name
-    CLUSTER_ENDPOINT            = var.cluster_endpoint
-    CLUSTER_CA_DATA             = var.cluster_ca_data
     TAINT_PREFIX                = var.taint_prefix
     TAINT_EFFECT                = var.taint_effect
     DRY_RUN                     = tostring(var.dry_run)
@@ -43,12 +48,17 @@ locals {
     DRAIN_UNMANAGED_PODS        = tostring(var.drain_unmanaged_pods)
     EXCLUDE_FROM_LOAD_BALANCERS = tostring(var.exclude_from_load_balancers)
     OUT_OF_SERVICE_TAINT        = tostring(var.out_of_service_taint)
+    MAX_DRAIN_SECONDS           = tostring(var.max_drain_seconds)
     LOG_LEVEL                   = var.log_level
     METRICS_NAMESPACE           = var.metrics_namespace
     WEBHOOK_FORMAT              = var.webhook_format
   }
   # Left out when empty or null: the function then uses its own default.
   optional_environment = {
+    CLUSTER_NAME                 = var.cluster_name
+    CLUSTERS                     = join(",", var.clusters)
+    CLUSTER_ENDPOINT             = var.cluster_endpoint
+    CLUSTER_CA_DATA              = var.cluster_ca_data
     ACTIONS                      = var.actions
     POD_TERMINATION_GRACE_PERIOD = var.pod_termination_grace_period == null ? "" : tostring(var.pod_termination_grace_period)
     LIFECYCLE_HEARTBEAT_SECONDS  = var.lifecycle_heartbeat_seconds == null ? "" : tostring(var.lifecycle_heartbeat_seconds)
@@ -127,12 +137,39 @@ data "aws_iam_policy_document" "function" {
       resources = [statement.value]
     }
   }
+
+  # The endpoint and CA of each cluster served, unless cluster_endpoint gives them.
+  dynamic "statement" {
+    for_each = var.cluster_endpoint == "" ? [local.describe_cluster_arns] : []
+    content {
+      sid       = "DescribeCluster"
+      actions   = ["eks:DescribeCluster"]
+      resources = statement.value
+    }
+  }
 }
 
 resource "aws_iam_role_policy" "function" {
   name   = "nth"
   role   = aws_iam_role.function.id
   policy = data.aws_iam_policy_document.function.json
+}
+
+# A drain cut short by the timeout goes on in an asynchronous invocation of the function
+# itself (max_drain_seconds). A policy of its own, after the function: the function depends
+# on the role, and this names the function's ARN.
+data "aws_iam_policy_document" "continue_drain" {
+  statement {
+    sid       = "ContinueDrain"
+    actions   = ["lambda:InvokeFunction"]
+    resources = [aws_lambda_function.this.arn, "${aws_lambda_function.this.arn}:*"]
+  }
+}
+
+resource "aws_iam_role_policy" "continue_drain" {
+  name   = "nth-continue-drain"
+  role   = aws_iam_role.function.id
+  policy = data.aws_iam_policy_document.continue_drain.json
 }
 
 resource "aws_cloudwatch_log_group" "function" {
@@ -183,6 +220,18 @@ resource "aws_lambda_function" "this" {
 
   lifecycle {
     precondition {
+      condition     = (var.cluster_name == "") != (length(var.clusters) == 0)
+      error_message = "Give cluster_name (one cluster) or clusters (several, or [\"*\"]), not both."
+    }
+    precondition {
+      condition     = var.cluster_endpoint == "" || var.cluster_name != ""
+      error_message = "cluster_endpoint goes with cluster_name; with clusters, each cluster's endpoint comes from eks:DescribeCluster."
+    }
+    precondition {
+      condition     = (var.cluster_endpoint == "") == (var.cluster_ca_data == "")
+      error_message = "Give cluster_endpoint and cluster_ca_data together, or neither (the function then reads them with eks:DescribeCluster)."
+    }
+    precondition {
       condition     = !local.use_vpc || length(var.security_group_ids) > 0
       error_message = "security_group_ids is required when subnet_ids is set."
     }
@@ -198,6 +247,8 @@ resource "aws_lambda_function" "this" {
   ]
 }
 
+# Also for the function's own continuations (max_drain_seconds): each is a new asynchronous
+# event, so its age counts from when the function sent it.
 resource "aws_lambda_function_event_invoke_config" "this" {
   function_name                = aws_lambda_function.this.function_name
   qualifier                    = "$LATEST"
@@ -215,8 +266,18 @@ resource "aws_lambda_function_event_invoke_config" "this" {
 }
 
 resource "aws_eks_access_entry" "function" {
-  count             = var.create_access_entry ? 1 : 0
+  count             = var.create_access_entry && var.cluster_name != "" ? 1 : 0
   cluster_name      = var.cluster_name
+  principal_arn     = aws_iam_role.function.arn
+  type              = "STANDARD"
+  kubernetes_groups = [local.kubernetes_group]
+  tags              = var.tags
+}
+
+# The same in each cluster named in clusters.
+resource "aws_eks_access_entry" "clusters" {
+  for_each          = local.listed_access_entry_clusters
+  cluster_name      = each.key
   principal_arn     = aws_iam_role.function.arn
   type              = "STANDARD"
   kubernetes_groups = [local.kubernetes_group]

@@ -25,38 +25,54 @@ variable "lambda_zip_path" {
 
 # Cluster
 
+# Give cluster_name or clusters (checked on aws_lambda_function.this: Terraform 1.5 cannot
+# compare two variables in a validation).
+
 variable "cluster_name" {
-  description = "The EKS cluster whose nodes the function drains (CLUSTER_NAME)."
+  description = "The EKS cluster whose nodes the function drains (CLUSTER_NAME). Give this or clusters."
   type        = string
+  default     = ""
 
   validation {
-    condition     = length(var.cluster_name) > 0
-    error_message = "cluster_name is required."
+    condition     = var.cluster_name == "" || can(regex("^[0-9A-Za-z][A-Za-z0-9_-]*$", var.cluster_name))
+    error_message = "cluster_name must be empty or an EKS cluster name."
+  }
+}
+
+variable "clusters" {
+  description = "Several EKS clusters served by this one function, or [\"*\"] for every cluster of the account and region (CLUSTERS); an instance's cluster comes from its tags (eks:cluster-name, kubernetes.io/cluster/NAME) and each cluster's endpoint and CA from eks:DescribeCluster. Give this or cluster_name."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for c in var.clusters : c == "*" || can(regex("^[0-9A-Za-z][A-Za-z0-9_-]*$", c))])
+    error_message = "clusters must hold EKS cluster names, or be [\"*\"]."
+  }
+  validation {
+    condition     = !contains(var.clusters, "*") || length(var.clusters) == 1
+    error_message = "clusters is either cluster names or [\"*\"] (every cluster), not both."
   }
 }
 
 variable "cluster_endpoint" {
-  description = "The API server URL: aws_eks_cluster's endpoint (CLUSTER_ENDPOINT)."
+  description = "Optional, with cluster_name only: the API server URL, aws_eks_cluster's endpoint (CLUSTER_ENDPOINT). Empty: the function reads it with eks:DescribeCluster once per container."
   type        = string
+  default     = ""
 
   validation {
-    condition     = startswith(var.cluster_endpoint, "https://")
-    error_message = "cluster_endpoint must be the https:// URL of the API server."
+    condition     = var.cluster_endpoint == "" || startswith(var.cluster_endpoint, "https://")
+    error_message = "cluster_endpoint must be empty or the https:// URL of the API server."
   }
 }
 
 variable "cluster_ca_data" {
-  description = "The cluster CA, base64 PEM: aws_eks_cluster's certificate_authority[0].data (CLUSTER_CA_DATA)."
+  description = "With cluster_endpoint: the cluster CA, base64 PEM, aws_eks_cluster's certificate_authority[0].data (CLUSTER_CA_DATA)."
   type        = string
-
-  validation {
-    condition     = length(var.cluster_ca_data) > 0
-    error_message = "cluster_ca_data is required."
-  }
+  default     = ""
 }
 
 variable "create_access_entry" {
-  description = "Create an EKS access entry mapping the function's role to the Kubernetes group nth-node-termination-handler (authentication mode API or API_AND_CONFIG_MAP). Bind the group with deploy/rbac.yaml."
+  description = "Create an EKS access entry mapping the function's role to the Kubernetes group nth-node-termination-handler in cluster_name, or in each cluster named in clusters (none for \"*\"), whose authentication mode must be API or API_AND_CONFIG_MAP. Bind the group with deploy/rbac.yaml in each cluster."
   type        = bool
   default     = true
 }
@@ -221,6 +237,17 @@ variable "lifecycle_heartbeat_seconds" {
   description = "Seconds between lifecycle-action heartbeats while a lifecycle hook's drain runs; null keeps the default, 30 (LIFECYCLE_HEARTBEAT_SECONDS)."
   type        = number
   default     = null
+}
+
+variable "max_drain_seconds" {
+  description = "The longest one node's drain goes on across invocations (MAX_DRAIN_SECONDS). When the function's timeout cuts a drain short and the instance still has time (a pending lifecycle hook, a later AWS Health start), the function invokes itself asynchronously to go on, heartbeating the hook, until the drain completes or this time has passed. 172800 (48 hours) is the longest an Auto Scaling lifecycle hook can wait."
+  type        = number
+  default     = 3600
+
+  validation {
+    condition     = var.max_drain_seconds >= 60 && var.max_drain_seconds <= 172800
+    error_message = "max_drain_seconds must be between 60 and 172800 (48 hours)."
+  }
 }
 
 variable "metrics_namespace" {

@@ -72,6 +72,7 @@ run "defaults" {
       DRAIN_UNMANAGED_PODS        = "true"
       EXCLUDE_FROM_LOAD_BALANCERS = "false"
       OUT_OF_SERVICE_TAINT        = "false"
+      MAX_DRAIN_SECONDS           = "3600"
       LOG_LEVEL                   = "info"
       METRICS_NAMESPACE           = "NodeTerminationHandler"
       WEBHOOK_FORMAT              = "json"
@@ -105,7 +106,11 @@ run "defaults" {
   }
   assert {
     condition     = length(data.aws_iam_policy_document.function.statement) == 3
-    error_message = "no secret statement without a secret"
+    error_message = "no secret statement without a secret, no eks:DescribeCluster with cluster_endpoint"
+  }
+  assert {
+    condition     = length(aws_eks_access_entry.function) == 1 && length(aws_eks_access_entry.clusters) == 0
+    error_message = "one access entry, in cluster_name"
   }
   assert {
     condition     = length(aws_iam_role_policy_attachment.vpc) == 0
@@ -299,4 +304,207 @@ run "taint_effect_is_checked" {
   }
 
   expect_failures = [var.taint_effect]
+}
+
+# Several clusters, from the instances' tags, with endpoints and CAs from eks:DescribeCluster.
+run "clusters_listed" {
+  command = plan
+
+  variables {
+    cluster_name     = ""
+    cluster_endpoint = ""
+    cluster_ca_data  = ""
+    clusters         = ["blue", "green-1"]
+  }
+
+  assert {
+    condition = (
+      aws_lambda_function.this.environment[0].variables["CLUSTERS"] == "blue,green-1" &&
+      length(setintersection(keys(aws_lambda_function.this.environment[0].variables), ["CLUSTER_NAME", "CLUSTER_ENDPOINT", "CLUSTER_CA_DATA"])) == 0
+    )
+    error_message = "CLUSTERS joins the names; CLUSTER_NAME, CLUSTER_ENDPOINT and CLUSTER_CA_DATA are left out"
+  }
+  assert {
+    condition = one([for s in data.aws_iam_policy_document.function.statement : s if s.sid == "DescribeCluster"]).resources == toset([
+      "arn:aws:eks:us-east-1:123456789012:cluster/blue",
+      "arn:aws:eks:us-east-1:123456789012:cluster/green-1",
+    ])
+    error_message = "eks:DescribeCluster on exactly the listed clusters"
+  }
+  assert {
+    condition     = one([for s in data.aws_iam_policy_document.function.statement : s if s.sid == "DescribeCluster"]).actions == toset(["eks:DescribeCluster"])
+    error_message = "the DescribeCluster statement grants only eks:DescribeCluster"
+  }
+  assert {
+    condition = (
+      length(aws_eks_access_entry.function) == 0 &&
+      toset(keys(aws_eks_access_entry.clusters)) == toset(["blue", "green-1"]) &&
+      aws_eks_access_entry.clusters["green-1"].cluster_name == "green-1" &&
+      alltrue([for k, e in aws_eks_access_entry.clusters : e.kubernetes_groups == toset(["nth-node-termination-handler"]) && e.type == "STANDARD"])
+    )
+    error_message = "one access entry per listed cluster, each mapping the role to the group deploy/rbac.yaml binds"
+  }
+}
+
+run "every_cluster" {
+  command = plan
+
+  variables {
+    cluster_name     = ""
+    cluster_endpoint = ""
+    cluster_ca_data  = ""
+    clusters         = ["*"]
+  }
+
+  assert {
+    condition     = aws_lambda_function.this.environment[0].variables["CLUSTERS"] == "*"
+    error_message = "CLUSTERS is *"
+  }
+  assert {
+    condition     = one([for s in data.aws_iam_policy_document.function.statement : s if s.sid == "DescribeCluster"]).resources == toset(["arn:aws:eks:us-east-1:123456789012:cluster/*"])
+    error_message = "eks:DescribeCluster on every cluster of this account and region"
+  }
+  assert {
+    condition     = length(aws_eks_access_entry.function) == 0 && length(aws_eks_access_entry.clusters) == 0
+    error_message = "* names no cluster to create an access entry in"
+  }
+}
+
+run "one_cluster_described" {
+  command = plan
+
+  variables {
+    cluster_endpoint    = ""
+    cluster_ca_data     = ""
+    create_access_entry = false
+  }
+
+  assert {
+    condition = (
+      aws_lambda_function.this.environment[0].variables["CLUSTER_NAME"] == "prod" &&
+      length(setintersection(keys(aws_lambda_function.this.environment[0].variables), ["CLUSTERS", "CLUSTER_ENDPOINT", "CLUSTER_CA_DATA"])) == 0
+    )
+    error_message = "CLUSTER_NAME alone: the endpoint and CA come from eks:DescribeCluster"
+  }
+  assert {
+    condition     = one([for s in data.aws_iam_policy_document.function.statement : s if s.sid == "DescribeCluster"]).resources == toset(["arn:aws:eks:us-east-1:123456789012:cluster/prod"])
+    error_message = "eks:DescribeCluster on cluster_name only"
+  }
+  assert {
+    condition     = length(aws_eks_access_entry.function) == 0 && length(aws_eks_access_entry.clusters) == 0
+    error_message = "no access entry when create_access_entry is false"
+  }
+}
+
+run "cluster_name_or_clusters_not_both" {
+  command = plan
+
+  variables {
+    cluster_endpoint = ""
+    cluster_ca_data  = ""
+    clusters         = ["blue"]
+  }
+
+  expect_failures = [aws_lambda_function.this]
+}
+
+run "cluster_name_or_clusters_not_neither" {
+  command = plan
+
+  variables {
+    cluster_name     = ""
+    cluster_endpoint = ""
+    cluster_ca_data  = ""
+  }
+
+  expect_failures = [aws_lambda_function.this]
+}
+
+run "endpoint_only_with_cluster_name" {
+  command = plan
+
+  variables {
+    cluster_name = ""
+    clusters     = ["blue"]
+  }
+
+  expect_failures = [aws_lambda_function.this]
+}
+
+run "endpoint_and_ca_together" {
+  command = plan
+
+  variables {
+    cluster_ca_data = ""
+  }
+
+  expect_failures = [aws_lambda_function.this]
+}
+
+run "every_cluster_stands_alone" {
+  command = plan
+
+  variables {
+    cluster_name     = ""
+    cluster_endpoint = ""
+    cluster_ca_data  = ""
+    clusters         = ["*", "blue"]
+  }
+
+  expect_failures = [var.clusters]
+}
+
+run "cluster_names_are_checked" {
+  command = plan
+
+  variables {
+    cluster_name     = ""
+    cluster_endpoint = ""
+    cluster_ca_data  = ""
+    clusters         = ["blue", "../x"]
+  }
+
+  expect_failures = [var.clusters]
+}
+
+# Long drains: the function continues one by invoking itself asynchronously.
+run "long_drains_continue_in_the_function_itself" {
+  command = plan
+
+  variables {
+    max_drain_seconds = 7200
+  }
+
+  override_resource {
+    target          = aws_lambda_function.this
+    override_during = plan
+    values = {
+      arn = "arn:aws:lambda:us-east-1:123456789012:function:nth"
+    }
+  }
+
+  assert {
+    condition     = aws_lambda_function.this.environment[0].variables["MAX_DRAIN_SECONDS"] == "7200"
+    error_message = "MAX_DRAIN_SECONDS follows max_drain_seconds"
+  }
+  assert {
+    condition = (
+      data.aws_iam_policy_document.continue_drain.statement[0].actions == toset(["lambda:InvokeFunction"]) &&
+      data.aws_iam_policy_document.continue_drain.statement[0].resources == toset([
+        "arn:aws:lambda:us-east-1:123456789012:function:nth",
+        "arn:aws:lambda:us-east-1:123456789012:function:nth:*",
+      ])
+    )
+    error_message = "the role may invoke the function itself, and nothing else"
+  }
+}
+
+run "max_drain_seconds_is_checked" {
+  command = plan
+
+  variables {
+    max_drain_seconds = 172801
+  }
+
+  expect_failures = [var.max_drain_seconds]
 }
