@@ -200,6 +200,21 @@ impl NodeMarker {
         annotation(node, &self.policy.drained_annotation()) == Some(interruption.id.as_str())
     }
 
+    /// Is this interruption's drain being carried on by another invocation?
+    pub fn continuing_for(&self, node: &Node, interruption: &Interruption) -> bool {
+        annotation(node, &self.policy.continuing_annotation()) == Some(interruption.id.as_str())
+    }
+
+    /// Records on the node that this interruption's drain goes on in another invocation.
+    pub async fn record_continuing(
+        &self,
+        node: &str,
+        interruption: &Interruption,
+    ) -> Result<(), NodeError> {
+        let patch = json!({"metadata": {"annotations": {self.policy.continuing_annotation(): interruption.id}}});
+        self.patch(node, patch).await.map(drop)
+    }
+
     /// Records on the node that this interruption's drain completed.
     pub async fn record_drained(
         &self,
@@ -245,6 +260,7 @@ impl NodeMarker {
                 self.policy.event_annotation(): null,
                 self.policy.kind_annotation(): null,
                 self.policy.drained_annotation(): null,
+                self.policy.continuing_annotation(): null,
             }},
             "spec": {
                 "taints": [{"key": self.policy.taint_key(kind), "$patch": "delete"}],

@@ -237,6 +237,12 @@ impl Policy {
     pub fn drained_annotation(&self) -> String {
         format!("{}/drained-event-id", self.prefix)
     }
+
+    /// The annotation recording which interruption's drain goes on beyond the invocation
+    /// that started it, so that a duplicate delivery does not start a second one.
+    pub fn continuing_annotation(&self) -> String {
+        format!("{}/drain-continues-for", self.prefix)
+    }
 }
 
 #[cfg(test)]

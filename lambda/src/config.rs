@@ -1,12 +1,14 @@
 //! The Lambda's configuration, from environment variables (see the README's reference).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use nth_core::notify::{Format, DEFAULT_TEMPLATE};
 use nth_core::settings::{self, SettingError};
 use nth_core::{DrainSettings, Policy};
+
+use crate::clusters::Served;
 
 /// The tag that marks an instance (or its Auto Scaling group) as one nth may act on, as
 /// aws-node-termination-handler's queue mode checks `aws-node-termination-handler/managed`.
@@ -16,6 +18,11 @@ pub const DEFAULT_MANAGED_TAG: &str = "node-termination-handler/managed";
 /// timeout a hook can have worth draining under (Auto Scaling allows 30 s; EKS guides use
 /// 300 s or more), and cheap (one small call).
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(30);
+
+/// How long one node's drain may go on across invocations. An hour is Auto Scaling's default
+/// lifecycle hook timeout and far beyond any healthy drain; a PodDisruptionBudget that holds a
+/// node longer is stuck, and the instance is let go (CONTINUE) rather than kept forever.
+const DEFAULT_MAX_DRAIN: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -50,14 +57,17 @@ pub enum ClusterAccess {
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The EKS cluster this function serves; instances tagged for another are left alone.
-    pub cluster_name: String,
-    pub access: ClusterAccess,
+    /// The EKS clusters this function serves; instances of any other are left alone.
+    pub clusters: Served,
+    /// How to reach the one cluster; `None` to look each cluster up with eks:DescribeCluster.
+    pub access: Option<ClusterAccess>,
     pub policy: Policy,
     pub drain: DrainSettings,
     /// Act only on instances (or groups) with this tag; `None` when the check is off.
     pub managed_tag: Option<String>,
     pub heartbeat_interval: Duration,
+    /// How long one node's drain may go on across invocations (MAX_DRAIN_SECONDS).
+    pub max_drain: Duration,
     /// CloudWatch namespace of the EMF metrics; `None` (no metrics line) outside Lambda.
     pub metrics_namespace: Option<String>,
     pub webhook: Option<WebhookConfig>,
@@ -125,31 +135,42 @@ impl Config {
         get: impl Fn(&str) -> Option<String>,
         kubeconfig: Option<PathBuf>,
     ) -> Result<Self, ConfigError> {
-        let cluster_name = required(
-            &get,
-            "CLUSTER_NAME",
-            "the EKS cluster whose nodes this function drains",
-        )?;
-        let access = match kubeconfig {
-            Some(path) => ClusterAccess::Kubeconfig(path),
-            None => {
-                let endpoint = required(&get, "CLUSTER_ENDPOINT", "the cluster's API server URL")?;
-                if !endpoint.starts_with("https://") {
-                    return Err(ConfigError::Invalid {
-                        name: "CLUSTER_ENDPOINT",
-                        value: endpoint,
-                        why: "must be an https:// URL (the token is a credential)".into(),
-                    });
-                }
-                ClusterAccess::Eks {
-                    endpoint,
-                    ca_data: required(
-                        &get,
-                        "CLUSTER_CA_DATA",
-                        "the cluster's certificate authority (base64 PEM)",
-                    )?,
-                }
+        let clusters = served(&get)?;
+        let one_cluster = matches!(clusters, Served::One(_));
+        let access = match (kubeconfig, get("CLUSTER_ENDPOINT")) {
+            (Some(_), _) if !one_cluster => {
+                return Err(ConfigError::Invalid {
+                    name: "CLUSTERS",
+                    value: get("CLUSTERS").unwrap_or_default(),
+                    why: "a kubeconfig reaches one cluster: set CLUSTER_NAME instead".into(),
+                })
             }
+            (Some(path), _) => Some(ClusterAccess::Kubeconfig(path)),
+            (None, Some(endpoint)) if !one_cluster => {
+                return Err(ConfigError::Invalid {
+                    name: "CLUSTER_ENDPOINT",
+                    value: endpoint,
+                    why: "with CLUSTERS, each cluster's endpoint comes from eks:DescribeCluster"
+                        .into(),
+                })
+            }
+            (None, Some(endpoint)) if !endpoint.starts_with("https://") => {
+                return Err(ConfigError::Invalid {
+                    name: "CLUSTER_ENDPOINT",
+                    value: endpoint,
+                    why: "must be an https:// URL (the token is a credential)".into(),
+                })
+            }
+            (None, Some(endpoint)) => Some(ClusterAccess::Eks {
+                endpoint,
+                ca_data: required(
+                    &get,
+                    "CLUSTER_CA_DATA",
+                    "with CLUSTER_ENDPOINT, the cluster's certificate authority (base64 PEM)",
+                )?,
+            }),
+            // Looked up with eks:DescribeCluster when first needed.
+            (None, None) => None,
         };
         let policy = policy_from_lookup(&get)?;
         let drain = settings::drain(&get, policy.dry_run, "")?;
@@ -159,12 +180,15 @@ impl Config {
             .map(|s: u64| Duration::from_secs(s.max(1)))
             .unwrap_or(DEFAULT_HEARTBEAT);
         Ok(Self {
-            cluster_name,
+            clusters,
             access,
             policy,
             drain,
             managed_tag,
             heartbeat_interval,
+            max_drain: settings::number(&get, "MAX_DRAIN_SECONDS")?
+                .map(Duration::from_secs)
+                .unwrap_or(DEFAULT_MAX_DRAIN),
             webhook: webhook(&get)?,
             metrics_namespace: Some(
                 get("METRICS_NAMESPACE")
@@ -172,6 +196,42 @@ impl Config {
             ),
         })
     }
+}
+
+/// CLUSTER_NAME, or CLUSTERS: a comma-separated list of names, or `*`.
+fn served(get: &impl Fn(&str) -> Option<String>) -> Result<Served, ConfigError> {
+    let Some(list) = get("CLUSTERS") else {
+        return Ok(Served::One(required(
+            get,
+            "CLUSTER_NAME",
+            "the EKS cluster whose nodes this function drains (or CLUSTERS for several)",
+        )?));
+    };
+    let invalid = |why: &str| ConfigError::Invalid {
+        name: "CLUSTERS",
+        value: list.clone(),
+        why: why.to_owned(),
+    };
+    if get("CLUSTER_NAME").is_some() {
+        return Err(invalid("set CLUSTER_NAME or CLUSTERS, not both"));
+    }
+    let names: BTreeSet<String> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if names.contains("*") {
+        return if names.len() == 1 {
+            Ok(Served::Any)
+        } else {
+            Err(invalid("`*` serves every cluster and stands alone"))
+        };
+    }
+    if names.is_empty() {
+        return Err(invalid("expected cluster names separated by commas, or *"));
+    }
+    Ok(Served::Listed(names))
 }
 
 /// The policy alone: all that `nth-lambda explain` needs, with no cluster settings.
@@ -245,6 +305,47 @@ mod tests {
         let mut vars = CLUSTER.to_vec();
         vars[1] = ("CLUSTER_ENDPOINT", "http://plain");
         assert!(config(&vars).is_err());
+    }
+
+    #[test]
+    fn clusters_come_from_describe_cluster_unless_the_endpoint_is_given() {
+        let c = config(&CLUSTER).expect("valid");
+        assert_eq!(c.clusters, Served::One("prod".into()));
+        assert!(matches!(c.access, Some(ClusterAccess::Eks { .. })));
+        assert_eq!(config(&CLUSTER[..1]).expect("valid").access, None);
+        let c = config(&[("CLUSTERS", " blue, green ,")]).expect("valid");
+        assert_eq!(
+            c.clusters,
+            Served::Listed(["blue".to_owned(), "green".to_owned()].into())
+        );
+        assert_eq!(c.access, None);
+        assert_eq!(
+            config(&[("CLUSTERS", "*")]).expect("valid").clusters,
+            Served::Any
+        );
+    }
+
+    #[test]
+    fn contradictory_cluster_settings_are_refused_by_name() {
+        for (vars, named) in [
+            (
+                vec![("CLUSTERS", "blue"), ("CLUSTER_NAME", "prod")],
+                "CLUSTERS",
+            ),
+            (vec![("CLUSTERS", "*,blue")], "CLUSTERS"),
+            (vec![("CLUSTERS", " , ")], "CLUSTERS"),
+            (
+                vec![("CLUSTERS", "blue"), ("CLUSTER_ENDPOINT", "https://x")],
+                "CLUSTER_ENDPOINT",
+            ),
+            (
+                vec![("CLUSTER_NAME", "prod"), ("CLUSTER_ENDPOINT", "https://x")],
+                "CLUSTER_CA_DATA",
+            ),
+        ] {
+            let err = config(&vars).expect_err("contradictory").to_string();
+            assert!(err.contains(named), "{vars:?}: {err}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! One invocation: event -> interruptions -> for each, resolve, mark, drain.
 
 use chrono::{DateTime, TimeDelta, Utc};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -9,13 +10,15 @@ use nth_core::drain::DrainDeadline;
 use nth_core::node::{node_is_ready, provider_id_matches};
 use nth_core::NodeError;
 use nth_core::{
-    Action, DrainReport, Drainer, EventType, Interruption, MarkOutcome, NodeEvents, NodeMarker,
-    Notice, Policy, RestoreOutcome, Webhook,
+    Action, DrainReport, EventType, Interruption, MarkOutcome, Notice, Policy, RestoreOutcome,
+    Webhook,
 };
 use serde::Serialize;
 use serde_json::{json, Value};
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use crate::clusters::{Choice, Cluster, Clusters, LookupError};
+use crate::continuation::{self, Continuation};
 use crate::eventbridge::{self, EventError, Parsed};
 use crate::lifecycle::{Lifecycle, LifecycleError, CONTINUE};
 use crate::metrics::Metrics;
@@ -114,23 +117,44 @@ pub fn explain(event: &Value, policy: &Policy) -> Result<Value, EventError> {
     })
 }
 
+/// The invocation being served, as the Lambda service describes it.
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    /// When Lambda stops the function.
+    pub end: DateTime<Utc>,
+    /// This function's ARN, to continue a long drain in a new invocation; `None` outside
+    /// Lambda, where a drain never continues.
+    pub function_arn: Option<String>,
+}
+
+/// One payload's handling.
+struct Run<'a> {
+    invocation: &'a Invocation,
+    /// The EventBridge event, as first delivered.
+    event: &'a Value,
+    /// When the drain began, in the first invocation of a continued one.
+    drain_started: DateTime<Utc>,
+    continuation: Option<&'a Continuation>,
+}
+
 /// Everything an invocation needs, built once per container and reused while warm.
 #[derive(Debug)]
 pub struct Handler {
-    pub cluster_name: String,
+    pub clusters: Clusters,
     /// The region the function runs in; events from another region name instances it
     /// cannot see (EventBridge delivers them only through a cross-region rule).
     pub region: String,
     pub policy: Policy,
     pub managed_tag: Option<String>,
     pub resolver: Resolver,
-    pub marker: NodeMarker,
-    pub drainer: Drainer,
     pub lifecycle: Lifecycle,
-    pub events: NodeEvents,
     /// Where EMF metrics go; `None` outside Lambda.
     pub metrics_namespace: Option<String>,
     pub webhook: Option<Webhook>,
+    /// For the calls made without an SDK client (continuing a drain).
+    pub aws: aws_config::SdkConfig,
+    /// How long one node's drain may go on across invocations (MAX_DRAIN_SECONDS).
+    pub max_drain: TimeDelta,
 }
 
 /// Waits for a background webhook notice; its own timeouts bound the wait.
@@ -163,6 +187,12 @@ impl From<ResolveError> for StepError {
     }
 }
 
+impl From<LookupError> for StepError {
+    fn from(e: LookupError) -> Self {
+        Self::new("resolve", &e)
+    }
+}
+
 impl From<NodeError> for StepError {
     fn from(e: NodeError) -> Self {
         Self::new("node", &e)
@@ -176,11 +206,21 @@ impl From<LifecycleError> for StepError {
 }
 
 impl Handler {
+    /// Handles one payload: an EventBridge event, or a drain continued from an earlier
+    /// invocation.
     pub async fn handle(
         &self,
-        event: &Value,
-        invocation_end: DateTime<Utc>,
+        payload: &Value,
+        invocation: &Invocation,
     ) -> Result<Outcome, HandleError> {
+        let continuation = Continuation::from_payload(payload)?;
+        let event = continuation.as_ref().map_or(payload, |c| &c.event);
+        let run = Run {
+            invocation,
+            event,
+            drain_started: continuation.as_ref().map_or_else(Utc::now, |c| c.started),
+            continuation: continuation.as_ref(),
+        };
         let parsed = match eventbridge::parse(event) {
             Ok(parsed) => parsed,
             Err(error) => {
@@ -210,7 +250,14 @@ impl Handler {
                     results: Vec::new(),
                 });
             }
-            Parsed::Interruptions(list) => list,
+            // A continuation carries on one instance's drain, not the whole event again.
+            Parsed::Interruptions(list) => list
+                .into_iter()
+                .filter(|i| {
+                    run.continuation
+                        .is_none_or(|c| c.instance_id == i.instance_id)
+                })
+                .collect::<Vec<_>>(),
         };
         let kind = interruptions
             .first()
@@ -230,7 +277,7 @@ impl Handler {
                     event_id = %interruption.id,
                     kind = %interruption.kind,
                     instance_id = %interruption.instance_id,
-                    cluster = %self.cluster_name,
+                    cluster = tracing::field::Empty,
                     node = tracing::field::Empty,
                 )
             })
@@ -238,19 +285,21 @@ impl Handler {
         // Interruptions of one event are independent: handle them side by side, a bounded
         // number at a time (a Health event may name many instances). Every node is marked
         // before any is drained, so that pods evicted from one do not land on the next.
-        let prepared: Vec<_> = futures::stream::iter(interruptions.iter().zip(&spans).map(
-            |(interruption, span)| {
-                self.prepare(interruption, invocation_end)
-                    .instrument(span.clone())
-            },
-        ))
+        let prepared: Vec<_> = futures::stream::iter(
+            interruptions
+                .iter()
+                .zip(&spans)
+                .map(|(interruption, span)| {
+                    self.prepare(interruption, &run).instrument(span.clone())
+                }),
+        )
         .buffered(INTERRUPTIONS_AT_ONCE)
         .collect()
         .await;
         let handled: Vec<_> =
             futures::stream::iter(interruptions.iter().zip(prepared).zip(&spans).map(
                 |((interruption, prepared), span)| {
-                    self.finish(interruption, prepared, invocation_end)
+                    self.finish(interruption, prepared, &run)
                         .instrument(span.clone())
                 },
             ))
@@ -300,7 +349,7 @@ impl Handler {
     async fn prepare(
         &self,
         interruption: &Interruption,
-        invocation_end: DateTime<Utc>,
+        run: &Run<'_>,
     ) -> Result<(InterruptionResult, Prepared), StepError> {
         let action = self.policy.plan(interruption);
         let mut result = InterruptionResult {
@@ -314,9 +363,7 @@ impl Handler {
             lifecycle: None,
             cordoned_after_ms: None,
         };
-        let prepared = self
-            .act(interruption, &action, invocation_end, &mut result)
-            .await?;
+        let prepared = self.act(interruption, &action, run, &mut result).await?;
         Ok((result, prepared))
     }
 
@@ -325,20 +372,22 @@ impl Handler {
         &self,
         interruption: &Interruption,
         prepared: Result<(InterruptionResult, Prepared), StepError>,
-        invocation_end: DateTime<Utc>,
+        run: &Run<'_>,
     ) -> Result<InterruptionResult, StepError> {
         let (mut result, prepared) = prepared?;
         let step = match prepared {
             Prepared::Finished(step) => step,
             Prepared::Drain {
+                cluster,
                 node,
                 cordon_notice,
             } => {
                 self.drain_node(
                     interruption,
+                    &cluster,
                     &node,
                     cordon_notice,
-                    invocation_end,
+                    run,
                     &mut result,
                 )
                 .await?
@@ -351,6 +400,10 @@ impl Handler {
         if let Some(lifecycle) = &interruption.lifecycle {
             result.lifecycle = Some(match &step {
                 Step::NotOurs(_) => "not completed: not this deployment's instance".to_owned(),
+                Step::Continues(_) => {
+                    "pending: the drain continues in another invocation, which completes it"
+                        .to_owned()
+                }
                 Step::NeverJoined(why) => {
                     format!("not completed: {why}; the hook's default result applies")
                 }
@@ -364,7 +417,10 @@ impl Handler {
             });
         }
         let what = match step {
-            Step::Done(what) | Step::NotOurs(what) | Step::NeverJoined(what) => what,
+            Step::Done(what)
+            | Step::NotOurs(what)
+            | Step::NeverJoined(what)
+            | Step::Continues(what) => what,
             Step::DrainFailed(error) => return Err(StepError::new("drain", &error)),
         };
         info!(outcome = %what, action = %result.action, lifecycle = result.lifecycle.as_deref().unwrap_or("none"), "interruption handled");
@@ -377,7 +433,7 @@ impl Handler {
         &self,
         interruption: &Interruption,
         action: &Action,
-        invocation_end: DateTime<Utc>,
+        run: &Run<'_>,
         result: &mut InterruptionResult,
     ) -> Result<Prepared, StepError> {
         if *action == Action::Ignore {
@@ -386,14 +442,11 @@ impl Handler {
         let Some(instance) = self.resolver.describe(&interruption.instance_id).await? else {
             return Ok(Prepared::from(Step::Done("instance unknown to EC2".into())));
         };
-        if let Some(other) = instance
-            .cluster_from_tags()
-            .filter(|c| *c != self.cluster_name)
-        {
-            return Ok(Prepared::from(Step::NotOurs(format!(
-                "instance belongs to cluster {other}"
-            ))));
-        }
+        let cluster = match self.clusters.for_instance(&instance).await? {
+            Choice::Serve(cluster) => cluster,
+            Choice::NotOurs(why) => return Ok(Prepared::from(Step::NotOurs(why))),
+        };
+        tracing::Span::current().record("cluster", cluster.name.as_str());
         if let Some(tag) = &self.managed_tag {
             if !self.resolver.is_managed(&instance, tag).await? {
                 return Ok(Prepared::from(Step::NotOurs(format!(
@@ -404,11 +457,17 @@ impl Handler {
         let likely_name = instance.private_dns_name.as_deref();
         if *action == Action::WaitReady {
             return self
-                .wait_ready(interruption, likely_name, invocation_end, result)
+                .wait_ready(
+                    &cluster,
+                    interruption,
+                    likely_name,
+                    run.invocation.end,
+                    result,
+                )
                 .await
                 .map(Prepared::from);
         }
-        let Some(node) = self
+        let Some(node) = cluster
             .marker
             .find(&interruption.instance_id, likely_name)
             .await?
@@ -427,13 +486,14 @@ impl Handler {
             drain,
         } = action
         else {
-            let restored = self.marker.restore(&node).await?;
+            let restored = cluster.marker.restore(&node).await?;
             if restored == RestoreOutcome::Restored {
                 let message = format!(
                     "Instance {} is running again (event {}): uncordoned and untainted",
                     interruption.instance_id, interruption.id
                 );
-                self.events
+                cluster
+                    .events
                     .emit(&node, EventType::Normal, "Uncordoned", &message)
                     .await;
             }
@@ -446,16 +506,22 @@ impl Handler {
                 .into(),
             )));
         };
-        let marked = self
+        let marked = cluster
             .marker
             .mark(&node, interruption, taint.as_deref(), *cordon, *drain)
             .await?;
         let mut cordon_notice = None;
         if marked == MarkOutcome::Marked {
-            cordon_notice = self.notify(self.notice(interruption, &node_name, &action.name()));
+            cordon_notice = self.notify(notice(
+                interruption,
+                &cluster.name,
+                &node_name,
+                &action.name(),
+            ));
             result.cordoned_after_ms =
                 u64::try_from((Utc::now() - interruption.event_time).num_milliseconds()).ok();
-            self.events
+            cluster
+                .events
                 .interruption(&node, interruption, &action.name())
                 .await;
         }
@@ -470,12 +536,20 @@ impl Handler {
                 .into(),
             )));
         }
-        if self.marker.drained_for(&node, interruption) {
+        if run.continuation.is_none() && cluster.marker.continuing_for(&node, interruption) {
+            info!(node = %node_name, "this interruption's drain goes on in another invocation; not starting a second");
+            finish_notice(cordon_notice).await;
+            return Ok(Prepared::from(Step::Continues(
+                "drain-continuing-elsewhere".into(),
+            )));
+        }
+        if cluster.marker.drained_for(&node, interruption) {
             info!(node = %node_name, "this interruption's drain already completed; not draining again");
             finish_notice(cordon_notice).await;
             return Ok(Prepared::from(Step::Done("already-drained".into())));
         }
         Ok(Prepared::Drain {
+            cluster,
             node: Box::new(node),
             cordon_notice,
         })
@@ -485,24 +559,30 @@ impl Handler {
     async fn drain_node(
         &self,
         interruption: &Interruption,
+        cluster: &Cluster,
         node: &Node,
         cordon_notice: Option<tokio::task::JoinHandle<()>>,
-        invocation_end: DateTime<Utc>,
+        run: &Run<'_>,
         result: &mut InterruptionResult,
     ) -> Result<Step, StepError> {
         let node_name = node.metadata.name.clone().unwrap_or_default();
-        let deadline = drain_deadline(interruption.deadline, invocation_end);
+        let window = drain_window(
+            interruption.deadline,
+            run.drain_started + self.max_drain,
+            run.invocation.end,
+        );
+        let deadline = window.deadline;
         let drained = match &interruption.lifecycle {
             Some(lifecycle) => {
                 self.lifecycle
                     .with_heartbeats(
                         &interruption.instance_id,
                         lifecycle,
-                        self.drainer.drain(&node_name, deadline),
+                        cluster.drainer.drain(&node_name, deadline),
                     )
                     .await
             }
-            None => self.drainer.drain(&node_name, deadline).await,
+            None => cluster.drainer.drain(&node_name, deadline).await,
         };
         let report = match drained {
             Ok(report) => report,
@@ -512,12 +592,38 @@ impl Handler {
             }
         };
         if !self.policy.dry_run {
-            self.events.drain_outcome(node, interruption, &report).await;
+            cluster
+                .events
+                .drain_outcome(node, interruption, &report)
+                .await;
+        }
+        if !report.complete && !self.policy.dry_run && window.may_continue {
+            if let Some(function) = &run.invocation.function_arn {
+                let next = Continuation {
+                    event: run.event.clone(),
+                    instance_id: interruption.instance_id.clone(),
+                    started: run.drain_started,
+                    round: run.continuation.map_or(1, |c| c.round) + 1,
+                };
+                continuation::invoke(&self.aws, function, &next)
+                    .await
+                    .map_err(|e| StepError::new("drain", &e))?;
+                cluster
+                    .marker
+                    .record_continuing(&node_name, interruption)
+                    .await?;
+                finish_notice(cordon_notice).await;
+                result.drain = Some(report);
+                return Ok(Step::Continues("drain-continues".into()));
+            }
         }
         let outcome = if self.policy.dry_run {
             "dry-run"
         } else if report.complete {
-            self.marker.record_drained(&node_name, interruption).await?;
+            cluster
+                .marker
+                .record_drained(&node_name, interruption)
+                .await?;
             "drained"
         } else {
             if interruption.lifecycle.is_some() {
@@ -533,26 +639,16 @@ impl Handler {
             outcome: Some(outcome.to_owned()),
             evicted: Some(report.evicted.len()),
             left: Some(report.left.len()),
-            ..self.notice(interruption, &node_name, &format!("drain {outcome}"))
+            ..notice(
+                interruption,
+                &cluster.name,
+                &node_name,
+                &format!("drain {outcome}"),
+            )
         }))
         .await;
         result.drain = Some(report);
         Ok(Step::Done(outcome.into()))
-    }
-
-    fn notice(&self, interruption: &Interruption, node: &str, description: &str) -> Notice {
-        Notice {
-            event_id: interruption.id.clone(),
-            kind: interruption.kind.to_string(),
-            instance_id: interruption.instance_id.clone(),
-            node: node.to_owned(),
-            cluster: self.cluster_name.clone(),
-            start_time: interruption.event_time,
-            description: description.to_owned(),
-            outcome: None,
-            evicted: None,
-            left: None,
-        }
     }
 
     /// Sends a webhook notice in the background, so that a slow receiver never holds up
@@ -569,6 +665,7 @@ impl Handler {
     /// invocation's end, looking it up by name once per poll interval.
     async fn wait_ready(
         &self,
+        cluster: &Cluster,
         interruption: &Interruption,
         likely_name: Option<&str>,
         invocation_end: DateTime<Utc>,
@@ -577,8 +674,8 @@ impl Handler {
         let give_up = invocation_end - INVOCATION_MARGIN;
         loop {
             let node = match likely_name {
-                Some(name) => self.marker.get(name).await,
-                None => self.marker.find(&interruption.instance_id, None).await,
+                Some(name) => cluster.marker.get(name).await,
+                None => cluster.marker.find(&interruption.instance_id, None).await,
             }?;
             let joined = node.filter(|n| {
                 n.spec
@@ -612,11 +709,28 @@ impl Handler {
     }
 }
 
+/// A webhook notice about an interruption's node.
+fn notice(interruption: &Interruption, cluster: &str, node: &str, description: &str) -> Notice {
+    Notice {
+        event_id: interruption.id.clone(),
+        kind: interruption.kind.to_string(),
+        instance_id: interruption.instance_id.clone(),
+        node: node.to_owned(),
+        cluster: cluster.to_owned(),
+        start_time: interruption.event_time,
+        description: description.to_owned(),
+        outcome: None,
+        evicted: None,
+        left: None,
+    }
+}
+
 /// Where an interruption stands after its node was marked.
 enum Prepared {
     Finished(Step),
     /// The node is marked; its drain comes once every node of the event is marked.
     Drain {
+        cluster: Arc<Cluster>,
         node: Box<Node>,
         cordon_notice: Option<tokio::task::JoinHandle<()>>,
     },
@@ -636,26 +750,50 @@ enum Step {
     NotOurs(String),
     /// A launching instance's node did not become Ready in time.
     NeverJoined(String),
+    /// The drain goes on in another invocation, which answers any lifecycle action.
+    Continues(String),
     /// The drain could not run; the invocation fails (after any lifecycle completion) so
     /// that Lambda retries it.
     DrainFailed(String),
 }
 
-/// When the drain must end. An instance end already in the past (an old event retried from
-/// the dead-letter queue, a skewed clock) says nothing reliable about the instance: the drain
-/// then runs as if the end were unknown, instead of killing every pod with no grace.
-fn drain_deadline(
+/// A continued drain is worth an invocation only if it has at least this long beyond the
+/// current one: less is within what the instance's own end or the limit will cut anyway.
+const MIN_CONTINUATION: TimeDelta = TimeDelta::seconds(30);
+
+/// When this invocation's drain must end, and whether it may go on in another.
+#[derive(Debug)]
+struct DrainWindow {
+    deadline: DrainDeadline,
+    /// The drain's end lies well beyond this invocation's.
+    may_continue: bool,
+}
+
+/// The drain ends at the instance's end or at `drain_limit` (MAX_DRAIN_SECONDS after it
+/// began), whichever comes first; at that time a lifecycle action is completed and the
+/// instance goes, so pods are made to stop before it. An instance end already in the past
+/// (an old event retried from the dead-letter queue, a skewed clock) says nothing reliable
+/// about the instance and is ignored, instead of killing every pod with no grace.
+fn drain_window(
     instance_end: Option<DateTime<Utc>>,
+    drain_limit: DateTime<Utc>,
     invocation_end: DateTime<Utc>,
-) -> DrainDeadline {
-    let instance_end = instance_end.filter(|end| *end > Utc::now());
-    if instance_end.is_none() {
-        debug!("no usable instance deadline; pods keep their own grace periods");
+) -> DrainWindow {
+    let now = Utc::now();
+    let end = instance_end
+        .filter(|end| *end > now)
+        .map_or(drain_limit, |end| end.min(drain_limit));
+    let end = (end > now).then_some(end);
+    if end.is_none() {
+        debug!("no usable end for the drain; pods keep their own grace periods");
     }
     let invocation_limit = invocation_end - INVOCATION_MARGIN;
-    DrainDeadline {
-        pods_stopped_by: instance_end.map(|end| end - POD_STOP_MARGIN),
-        give_up_at: instance_end.map_or(invocation_limit, |end| end.min(invocation_limit)),
+    DrainWindow {
+        deadline: DrainDeadline {
+            pods_stopped_by: end.map(|end| end - POD_STOP_MARGIN),
+            give_up_at: end.map_or(invocation_limit, |end| end.min(invocation_limit)),
+        },
+        may_continue: end.is_some_and(|end| end > invocation_limit + MIN_CONTINUATION),
     }
 }
 
@@ -664,23 +802,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn drain_gives_up_at_the_earlier_of_instance_and_invocation_end() {
+    fn a_drain_ends_at_the_earliest_of_instance_end_limit_and_invocation_end() {
         let now = Utc::now();
-        let instance = now + TimeDelta::seconds(120);
-        let short_invocation = now + TimeDelta::seconds(60);
-        let d = drain_deadline(Some(instance), short_invocation);
-        assert_eq!(d.give_up_at, short_invocation - INVOCATION_MARGIN);
-        assert_eq!(d.pods_stopped_by, Some(instance - POD_STOP_MARGIN));
-        let long_invocation = now + TimeDelta::seconds(900);
-        assert_eq!(
-            drain_deadline(Some(instance), long_invocation).give_up_at,
-            instance
+        let at = |secs: i64| now + TimeDelta::seconds(secs);
+        let hour = at(3600);
+
+        // A Spot instance's two minutes within a short invocation: stop with the invocation.
+        let w = drain_window(Some(at(120)), hour, at(60));
+        assert_eq!(w.deadline.give_up_at, at(60) - INVOCATION_MARGIN);
+        assert_eq!(w.deadline.pods_stopped_by, Some(at(120) - POD_STOP_MARGIN));
+        assert!(
+            w.may_continue,
+            "the instance outlives the invocation by a minute"
         );
-        assert_eq!(drain_deadline(None, long_invocation).pods_stopped_by, None);
+
+        // ... within a long one: stop with the instance, nothing left to continue for.
+        let w = drain_window(Some(at(120)), hour, at(900));
+        assert_eq!(w.deadline.give_up_at, at(120));
+        assert!(!w.may_continue);
+
+        // A lifecycle hook has no instance end: the limit stands in for it.
+        let w = drain_window(None, hour, at(900));
+        assert_eq!(w.deadline.pods_stopped_by, Some(hour - POD_STOP_MARGIN));
+        assert_eq!(w.deadline.give_up_at, at(900) - INVOCATION_MARGIN);
+        assert!(w.may_continue);
+        let w = drain_window(None, at(910), at(900));
+        assert!(
+            !w.may_continue,
+            "ten seconds past the invocation are not worth another"
+        );
+
         // A deadline already past is ignored rather than turned into zero grace.
-        let stale = drain_deadline(Some(now - TimeDelta::hours(3)), long_invocation);
-        assert_eq!(stale.pods_stopped_by, None);
-        assert_eq!(stale.give_up_at, long_invocation - INVOCATION_MARGIN);
+        let stale = drain_window(Some(now - TimeDelta::hours(3)), hour, at(900));
+        assert_eq!(stale.deadline.pods_stopped_by, Some(hour - POD_STOP_MARGIN));
+        let stale = drain_window(None, now - TimeDelta::hours(3), at(900));
+        assert_eq!(stale.deadline.pods_stopped_by, None);
+        assert_eq!(stale.deadline.give_up_at, at(900) - INVOCATION_MARGIN);
+        assert!(!stale.may_continue);
     }
 
     #[test]

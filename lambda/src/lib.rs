@@ -2,20 +2,24 @@
 //! EKS nodes out.
 
 pub mod cluster;
+pub mod clusters;
 pub mod config;
+pub mod continuation;
 pub mod eventbridge;
 pub mod handler;
 pub mod lifecycle;
 pub mod metrics;
 pub mod resolve;
 pub mod secret;
+pub mod signed;
 pub mod token;
 
 use std::sync::Arc;
 
 use aws_config::BehaviorVersion;
-use nth_core::{Drainer, NodeEvents, NodeMarker, Webhook, WebhookSettings};
+use nth_core::{Webhook, WebhookSettings};
 
+use crate::clusters::{Cluster, Clusters, Discovery, Served};
 use crate::config::{ClusterAccess, Config, WebhookUrl};
 use crate::handler::Handler;
 use crate::lifecycle::Lifecycle;
@@ -41,20 +45,37 @@ pub enum SetupError {
 pub async fn build_handler(config: Config) -> Result<Handler, SetupError> {
     let aws = aws_config::defaults(BehaviorVersion::latest()).load().await;
     let region = aws.region().ok_or(SetupError::NoRegion)?.to_string();
-    let function_region = region.clone();
-    let client = match &config.access {
-        ClusterAccess::Eks { endpoint, ca_data } => {
-            let credentials = aws
-                .credentials_provider()
-                .ok_or(SetupError::NoCredentials)?;
-            let tokens = Arc::new(TokenSource::new(
-                config.cluster_name.clone(),
-                region,
-                credentials,
-            ));
-            cluster::eks_client(endpoint, ca_data, tokens)?
+    let credentials = aws
+        .credentials_provider()
+        .ok_or(SetupError::NoCredentials)?;
+    let fixed = match (&config.access, &config.clusters) {
+        (Some(access), Served::One(name)) => {
+            let client = match access {
+                ClusterAccess::Eks { endpoint, ca_data } => {
+                    let tokens = Arc::new(TokenSource::new(
+                        name.clone(),
+                        region.clone(),
+                        credentials.clone(),
+                    ));
+                    cluster::eks_client(endpoint, ca_data, tokens)?
+                }
+                ClusterAccess::Kubeconfig(path) => cluster::kubeconfig_client(path).await?,
+            };
+            Some(Cluster::new(
+                name.clone(),
+                client,
+                &config.policy,
+                &config.drain,
+            ))
         }
-        ClusterAccess::Kubeconfig(path) => cluster::kubeconfig_client(path).await?,
+        _ => None,
+    };
+    let discovery = Discovery {
+        aws: aws.clone(),
+        credentials,
+        region: region.clone(),
+        policy: config.policy.clone(),
+        drain: config.drain.clone(),
     };
     let asg = aws_sdk_autoscaling::Client::new(&aws);
     let webhook = match config.webhook {
@@ -75,16 +96,15 @@ pub async fn build_handler(config: Config) -> Result<Handler, SetupError> {
         None => None,
     };
     Ok(Handler {
-        cluster_name: config.cluster_name,
-        region: function_region,
+        clusters: Clusters::new(config.clusters, fixed, discovery),
+        region,
         managed_tag: config.managed_tag,
         resolver: Resolver::new(aws_sdk_ec2::Client::new(&aws), asg.clone()),
-        marker: NodeMarker::new(client.clone(), config.policy.clone()),
-        events: NodeEvents::new(client.clone(), config.policy.dry_run),
         metrics_namespace: config.metrics_namespace,
         webhook,
-        drainer: Drainer::new(client, config.drain),
         lifecycle: Lifecycle::new(asg, config.policy.dry_run, config.heartbeat_interval),
         policy: config.policy,
+        aws,
+        max_drain: chrono::TimeDelta::from_std(config.max_drain).unwrap_or(chrono::TimeDelta::MAX),
     })
 }

@@ -4,10 +4,10 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context as _};
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use lambda_runtime::{service_fn, Diagnostic, LambdaEvent};
 use nth_lambda::config::{self, Config};
-use nth_lambda::handler::{self, Handler};
+use nth_lambda::handler::{self, Handler, Invocation};
 use serde_json::Value;
 use tokio::sync::OnceCell;
 use tracing_subscriber::EnvFilter;
@@ -74,9 +74,13 @@ async fn serve() -> anyhow::Result<()> {
             .get_or_try_init(|| nth_lambda::build_handler(config.clone()))
             .await
             .map_err(|e| diagnostic("SetupFailed", &e))?;
-        let end: DateTime<Utc> = event.context.deadline().into();
+        let invocation = Invocation {
+            end: event.context.deadline().into(),
+            function_arn: Some(event.context.invoked_function_arn.clone())
+                .filter(|arn| !arn.is_empty()),
+        };
         let outcome = handler
-            .handle(&event.payload, end)
+            .handle(&event.payload, &invocation)
             .await
             .map_err(|e| diagnostic(e.error_type(), &e))?;
         serde_json::to_value(outcome).map_err(|e| diagnostic("SerializeFailed", &e))
@@ -121,7 +125,13 @@ async fn replay(args: &[String]) -> anyhow::Result<()> {
     config.metrics_namespace = None;
     let handler = nth_lambda::build_handler(config).await?;
     let outcome = handler
-        .handle(&event, Utc::now() + REPLAY_TIME_LIMIT)
+        .handle(
+            &event,
+            &Invocation {
+                end: Utc::now() + REPLAY_TIME_LIMIT,
+                function_arn: None,
+            },
+        )
         .await?;
     println!("{}", serde_json::to_string_pretty(&outcome)?);
     Ok(())

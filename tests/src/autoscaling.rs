@@ -2,13 +2,18 @@
 //! lifecycle calls moto does not implement (it answers them with HTTP 500), which are served
 //! here with Auto Scaling's semantics: a call must name a pending action of that group, hook
 //! and instance (and its token, when given); a completed action is gone; heartbeats extend
-//! it. Every call is recorded.
+//! it. eks:DescribeCluster is served here too, because moto's clusters have endpoints of its
+//! own making, and the rig's clusters are Kubernetes API emulators. Every call is recorded.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::Context;
+use base64::Engine;
+
+use crate::TEST_REGION;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
@@ -42,7 +47,7 @@ pub struct LifecycleCall {
     pub at: Instant,
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Inner {
     /// Actions to fail: (action, error code, times left).
     faults: Vec<(String, String, usize)>,
@@ -50,6 +55,19 @@ struct Inner {
     calls: Vec<LifecycleCall>,
     /// Every AWS API action seen, in order, with its arrival (for round-trip counting).
     actions: Vec<(Instant, String)>,
+    /// EKS clusters by name: (endpoint, base64 CA bundle).
+    clusters: HashMap<String, (String, String)>,
+    /// Where Lambda asynchronous invocations go.
+    invoke: Option<Arc<dyn Fn(serde_json::Value) + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("pending", &self.pending.len())
+            .field("calls", &self.calls.len())
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Clone)]
@@ -119,6 +137,20 @@ impl AwsFront {
         lock(&self.inner).calls.clone()
     }
 
+    /// Makes eks:DescribeCluster know `name`, served at `endpoint` with the CA `ca_pem`.
+    pub fn add_cluster(&self, name: &str, endpoint: &str, ca_pem: &str) {
+        let ca_data = base64::engine::general_purpose::STANDARD.encode(ca_pem);
+        lock(&self.inner)
+            .clusters
+            .insert(name.to_owned(), (endpoint.to_owned(), ca_data));
+    }
+
+    /// Makes lambda:InvokeFunction with the `Event` invocation type hand the payload to
+    /// `invoke`, as Lambda queues an asynchronous invocation of the function.
+    pub fn on_invoke(&self, invoke: impl Fn(serde_json::Value) + Send + Sync + 'static) {
+        lock(&self.inner).invoke = Some(Arc::new(invoke));
+    }
+
     /// Fails the next `times` calls of `action` with the EC2 error `code` (e.g.
     /// RequestLimitExceeded, EC2's throttling answer).
     pub fn fail(&self, action: &str, code: &str, times: usize) {
@@ -179,7 +211,21 @@ async fn handle(
             .find(|(key, _)| key == k)
             .map(|(_, v)| v.clone())
     };
-    let action = field("Action").unwrap_or_default();
+    // EKS and Lambda are REST services: the action is in the path, not the form.
+    let cluster = (method == Method::GET)
+        .then(|| uri.path().strip_prefix("/clusters/"))
+        .flatten()
+        .map(str::to_owned);
+    let invoked = (method == Method::POST)
+        .then(|| uri.path().strip_prefix("/2015-03-31/functions/"))
+        .flatten()
+        .and_then(|rest| rest.strip_suffix("/invocations"))
+        .map(str::to_owned);
+    let action = match (&cluster, &invoked) {
+        (Some(_), _) => "DescribeCluster".to_owned(),
+        (_, Some(_)) => "Invoke".to_owned(),
+        _ => field("Action").unwrap_or_default(),
+    };
     lock(&state.inner)
         .actions
         .push((Instant::now(), action.clone()));
@@ -206,10 +252,86 @@ async fn handle(
         )
             .into_response();
     }
+    if let Some(name) = cluster {
+        return describe_cluster(&state, &name);
+    }
+    if invoked.is_some() {
+        return invoke(&state, &headers, &body);
+    }
     if action == "CompleteLifecycleAction" || action == "RecordLifecycleActionHeartbeat" {
         return lifecycle(&state, &action, &field);
     }
     proxy(&state, method, uri, headers, body).await
+}
+
+/// Lambda's Invoke, for the asynchronous (`Event`) type only: the payload is queued and the
+/// caller told 202 Accepted.
+fn invoke(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Response {
+    let json_error = |status: StatusCode, code: &str, message: &str| {
+        let body = serde_json::json!({ "Type": "User", "message": message });
+        (
+            status,
+            [("x-amzn-errortype", code.to_owned())],
+            axum::Json(body),
+        )
+            .into_response()
+    };
+    let kind = headers
+        .get("x-amz-invocation-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("RequestResponse");
+    if kind != "Event" {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "InvalidParameterValueException",
+            "the rig serves asynchronous (Event) invocations only",
+        );
+    }
+    let Ok(payload) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "InvalidRequestContentException",
+            "Could not parse request body into json",
+        );
+    };
+    let Some(queue) = lock(&state.inner).invoke.clone() else {
+        return json_error(
+            StatusCode::NOT_FOUND,
+            "ResourceNotFoundException",
+            "Function not found",
+        );
+    };
+    queue(payload);
+    StatusCode::ACCEPTED.into_response()
+}
+
+/// EKS's answer, reduced to what a client of the cluster needs.
+fn describe_cluster(state: &AppState, name: &str) -> Response {
+    let name = percent_decode(name);
+    let Some((endpoint, ca_data)) = lock(&state.inner).clusters.get(&name).cloned() else {
+        let body = serde_json::json!({
+            "__type": "ResourceNotFoundException",
+            "message": format!("No cluster found for name: {name}."),
+        });
+        return (StatusCode::NOT_FOUND, axum::Json(body)).into_response();
+    };
+    axum::Json(serde_json::json!({
+        "cluster": {
+            "name": name,
+            "arn": format!("arn:aws:eks:{TEST_REGION}:123456789012:cluster/{name}"),
+            "endpoint": endpoint,
+            "certificateAuthority": { "data": ca_data },
+            "status": "ACTIVE",
+        }
+    }))
+    .into_response()
+}
+
+fn percent_decode(s: &str) -> String {
+    url::form_urlencoded::parse(format!("x={}", s.replace('+', "%2B")).as_bytes())
+        .map(|(_, v)| v.into_owned())
+        .next()
+        .unwrap_or_default()
 }
 
 fn lifecycle(state: &AppState, action: &str, field: &impl Fn(&str) -> Option<String>) -> Response {

@@ -47,7 +47,8 @@ fn owned_by(mut pod: Value, kind: &str, name: &str) -> Value {
 }
 
 pub fn daemonset_pod(namespace: &str, daemonset: &str, node: &str) -> Value {
-    let name = format!("{daemonset}-{}", &node[..node.len().min(5)]);
+    // One per node: named after the node's first label, as unique as the node's own name.
+    let name = format!("{daemonset}-{}", node.split('.').next().unwrap_or(node));
     owned_by(
         running_pod(namespace, &name, node, json!({"app": daemonset})),
         "DaemonSet",

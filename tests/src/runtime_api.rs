@@ -51,10 +51,20 @@ struct AppState {
 pub struct RuntimeApi {
     /// `host:port`, the value of AWS_LAMBDA_RUNTIME_API.
     pub address: String,
+    queue: Arc<Queue>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+/// The invocations waiting for the runtime, as the Lambda service queues them.
+#[derive(Debug)]
+pub struct Queue {
     sender: mpsc::UnboundedSender<Pending>,
     inflight: Arc<Mutex<Inflight>>,
-    server: tokio::task::JoinHandle<()>,
     counter: Mutex<u64>,
+    /// The function's configured timeout, for asynchronous invocations.
+    timeout: Mutex<Duration>,
+    /// Asynchronous invocations and how each ended, in the order they were made.
+    async_outcomes: Mutex<Vec<(Value, Option<Outcome>)>>,
 }
 
 impl std::fmt::Debug for Inflight {
@@ -101,16 +111,72 @@ impl RuntimeApi {
         });
         Ok(Self {
             address,
-            sender,
-            inflight,
+            queue: Arc::new(Queue {
+                sender,
+                inflight,
+                counter: Mutex::new(0),
+                timeout: Mutex::new(Duration::from_secs(300)),
+                async_outcomes: Mutex::default(),
+            }),
             server,
-            counter: Mutex::new(0),
         })
     }
 
     /// Hands `payload` to the runtime and waits for its answer, giving the function
     /// `timeout` as its configured timeout (the Lambda-Runtime-Deadline-Ms it sees).
     pub async fn invoke(&self, payload: Value, timeout: Duration) -> anyhow::Result<Outcome> {
+        self.queue.invoke(payload, timeout).await
+    }
+
+    /// Where asynchronous invocations (the Lambda Invoke API's `Event` type) are queued.
+    pub fn queue(&self) -> Arc<Queue> {
+        Arc::clone(&self.queue)
+    }
+
+    /// When the runtime first asked for an invocation.
+    pub fn first_next(&self) -> Option<Instant> {
+        lock(&self.queue.inflight).first_next
+    }
+
+    pub fn init_error(&self) -> Option<String> {
+        lock(&self.queue.inflight).init_error.clone()
+    }
+}
+
+impl Queue {
+    /// Sets the function timeout that asynchronous invocations run with.
+    pub fn set_timeout(&self, timeout: Duration) {
+        *lock(&self.timeout) = timeout;
+    }
+
+    /// Queues `payload` as Lambda queues an asynchronous invocation: the caller does not wait,
+    /// and the outcome is kept for [`Queue::async_outcomes`].
+    pub fn invoke_async(self: &Arc<Self>, payload: Value) {
+        let index = {
+            let mut outcomes = lock(&self.async_outcomes);
+            outcomes.push((payload.clone(), None));
+            outcomes.len() - 1
+        };
+        let queue = Arc::clone(self);
+        let timeout = *lock(&self.timeout);
+        tokio::spawn(async move {
+            let outcome = queue
+                .invoke(payload, timeout)
+                .await
+                .unwrap_or_else(|e| Outcome::Error {
+                    error_type: "Runtime.Unanswered".to_owned(),
+                    message: e.to_string(),
+                });
+            lock(&queue.async_outcomes)[index].1 = Some(outcome);
+        });
+    }
+
+    /// Every asynchronous invocation so far with its outcome (`None` while it runs).
+    pub fn async_outcomes(&self) -> Vec<(Value, Option<Outcome>)> {
+        lock(&self.async_outcomes).clone()
+    }
+
+    async fn invoke(&self, payload: Value, timeout: Duration) -> anyhow::Result<Outcome> {
         let id = {
             let mut counter = lock(&self.counter);
             *counter += 1;
@@ -130,15 +196,6 @@ impl RuntimeApi {
             .await
             .with_context(|| format!("invocation {id} got no answer within the function timeout"))?
             .context("runtime API emulator dropped the invocation")
-    }
-
-    /// When the runtime first asked for an invocation.
-    pub fn first_next(&self) -> Option<Instant> {
-        lock(&self.inflight).first_next
-    }
-
-    pub fn init_error(&self) -> Option<String> {
-        lock(&self.inflight).init_error.clone()
     }
 }
 

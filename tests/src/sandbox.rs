@@ -118,7 +118,11 @@ impl Sandbox {
                 1,
             ));
         });
+        aws.add_cluster(CLUSTER, &kube.url, &kube.ca_pem);
         let runtime = RuntimeApi::start().await?;
+        let queue = runtime.queue();
+        queue.set_timeout(FUNCTION_TIMEOUT);
+        aws.on_invoke(move |payload| queue.invoke_async(payload));
         let mut vars = handler_env(&aws, &kube);
         vars.extend(lambda_env(&runtime));
         for (k, v) in env {
@@ -185,31 +189,37 @@ impl Sandbox {
     /// A Ready node in the cluster for `instance`, with a DaemonSet pod and `pods` ReplicaSet
     /// pods (label app=api).
     pub fn add_node(&self, instance: &Instance, pods: usize) {
-        let node = instance.private_dns_name.clone();
-        self.kube.world(|w| {
-            w.add_node(fixtures::node(
-                &node,
-                &instance.id,
-                &instance.availability_zone,
-            ));
-            w.add_pod(fixtures::daemonset_pod("kube-system", "aws-node", &node));
-            for i in 0..pods {
-                let rs = format!("api-{}", &instance.id[2..8]);
-                w.add_pod(fixtures::replicaset_pod(
-                    APP_NAMESPACE,
-                    &rs,
-                    i,
-                    &node,
-                    "api",
-                ));
-            }
-        });
+        add_node_to(&self.kube, instance, pods);
     }
 
     /// The environment for running `nth-lambda explain` or `replay` against this world.
     pub fn cli_env(&self) -> BTreeMap<String, String> {
         handler_env(&self.aws, &self.kube)
     }
+}
+
+/// A Ready node in `cluster` for `instance`, with a DaemonSet pod and `pods` ReplicaSet pods
+/// (label app=api).
+pub fn add_node_to(cluster: &KubeApi, instance: &Instance, pods: usize) {
+    let node = instance.private_dns_name.clone();
+    cluster.world(|w| {
+        w.add_node(fixtures::node(
+            &node,
+            &instance.id,
+            &instance.availability_zone,
+        ));
+        w.add_pod(fixtures::daemonset_pod("kube-system", "aws-node", &node));
+        for i in 0..pods {
+            let rs = format!("api-{}", &instance.id[2..8]);
+            w.add_pod(fixtures::replicaset_pod(
+                APP_NAMESPACE,
+                &rs,
+                i,
+                &node,
+                "api",
+            ));
+        }
+    });
 }
 
 /// An EventBridge event about `instance_id`, sent now.

@@ -269,7 +269,10 @@ async fn daemonset_mirror_terminating_and_finished_pods_are_handled_like_kubectl
     assert!(report.complete, "{report:?}");
     assert_eq!(
         names_on_node(&api),
-        vec!["aws-node-ip-10".to_owned(), format!("kube-proxy-{NODE}")],
+        vec![
+            format!("aws-node-{}", NODE.split('.').next().unwrap_or_default()),
+            format!("kube-proxy-{NODE}")
+        ],
         "only the DaemonSet and mirror pods stay"
     );
     let evicted: Vec<String> =

@@ -226,32 +226,147 @@ async fn heartbeats_keep_the_hook_alive_while_a_pdb_holds_the_drain() -> anyhow:
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_drain_that_runs_out_of_time_still_completes_the_lifecycle_action() -> anyhow::Result<()>
-{
-    let sandbox = Sandbox::start(&[]).await?;
+/// The function timeout of the long-drain tests: each invocation drains for 5 s (3 s are kept
+/// to answer), so a drain held up for longer needs several.
+const SHORT_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// Holds every `web` pod on its node until released.
+fn freeze_web(sandbox: &Sandbox, max_unavailable: i64) {
     sandbox.kube.world(|w| {
-        w.add_pdb(json!({
-            "metadata": {"name": "web-frozen", "namespace": APP_NAMESPACE},
-            "spec": {"maxUnavailable": 0, "selector": {"matchLabels": {"app": "web"}}},
-        }))
+        w.add_pdb(fixtures::pdb_max_unavailable(
+            APP_NAMESPACE,
+            "web-frozen",
+            "web",
+            max_unavailable,
+        ))
     });
+}
+
+/// Waits until Auto Scaling's pending action has been answered.
+async fn wait_for_completion(sandbox: &Sandbox, within: Duration) -> Option<String> {
+    let start = std::time::Instant::now();
+    while start.elapsed() < within {
+        if let Some((result, _)) = sandbox.aws.pending()[0].completed.clone() {
+            return Some(result);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    None
+}
+
+/// The outcomes of the function's invocations of itself, in order.
+fn continuation_outcomes(sandbox: &Sandbox) -> Vec<String> {
+    sandbox
+        .runtime
+        .queue()
+        .async_outcomes()
+        .iter()
+        .map(|(payload, outcome)| {
+            assert!(payload["nth-continuation"]["round"].is_u64(), "{payload}");
+            match outcome {
+                Some(Outcome::Response(v)) => v["results"][0]["outcome"]
+                    .as_str()
+                    .unwrap_or("no result")
+                    .to_owned(),
+                Some(Outcome::Error { message, .. }) => format!("error: {message}"),
+                None => "running".to_owned(),
+            }
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_longer_than_an_invocation_continues_in_the_next() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start(&[("LIFECYCLE_HEARTBEAT_SECONDS", "1")]).await?;
+    sandbox.runtime.queue().set_timeout(SHORT_TIMEOUT);
+    freeze_web(&sandbox, 0);
+    sandbox
+        .aws
+        .add_pending(GROUP, HOOK, &sandbox.instance.id, TOKEN);
+    let event = terminate_event(&sandbox, "tl-long");
+
+    let first = response(
+        sandbox.runtime.invoke(event.clone(), SHORT_TIMEOUT).await?,
+        &sandbox,
+    );
+    // EventBridge delivers the event a second time while the drain goes on.
+    let duplicate = response(
+        sandbox.runtime.invoke(event, SHORT_TIMEOUT).await?,
+        &sandbox,
+    );
+    freeze_web(&sandbox, 1);
+    let completed = wait_for_completion(&sandbox, Duration::from_secs(60)).await;
+
+    assert_eq!(first["results"][0]["outcome"], "drain-continues");
+    assert!(first["results"][0]["lifecycle"]
+        .as_str()
+        .is_some_and(|l| l.starts_with("pending")));
+    assert_eq!(
+        duplicate["results"][0]["outcome"],
+        "drain-continuing-elsewhere"
+    );
+    assert_eq!(completed.as_deref(), Some("CONTINUE"));
+    let rounds = continuation_outcomes(&sandbox);
+    let (last, earlier) = rounds.split_last().expect("at least one continuation");
+    assert_eq!(last, "drained", "{rounds:?}");
+    assert!(earlier.iter().all(|o| o == "drain-continues"), "{rounds:?}");
+    assert_eq!(workload_pods(&sandbox, sandbox.node_name()), 0);
+    let completions = sandbox
+        .aws
+        .calls()
+        .iter()
+        .filter(|c| c.action == "CompleteLifecycleAction")
+        .count();
+    assert_eq!(
+        completions, 1,
+        "answered once, by the invocation that finished"
+    );
+    let action = sandbox.aws.pending().remove(0);
+    let (_, completed_at) = action.completed.expect("completed");
+    assert!(
+        action.heartbeats.len() >= 4 && action.heartbeats.iter().all(|h| *h < completed_at),
+        "the hook was kept alive across invocations: {} heartbeats",
+        action.heartbeats.len()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_stops_at_max_drain_seconds_and_completes_the_lifecycle_action(
+) -> anyhow::Result<()> {
+    // Round one, ending 5 s in, may continue (the limit is 33 s past its end); round two,
+    // ending 10 s in, may not: 28 s are not worth a third (MIN_CONTINUATION is 30 s).
+    let sandbox = Sandbox::start(&[("MAX_DRAIN_SECONDS", "38")]).await?;
+    sandbox.runtime.queue().set_timeout(SHORT_TIMEOUT);
+    freeze_web(&sandbox, 0);
     sandbox
         .aws
         .add_pending(GROUP, HOOK, &sandbox.instance.id, TOKEN);
 
-    let outcome = sandbox
-        .runtime
-        .invoke(terminate_event(&sandbox, "tl-late"), Duration::from_secs(8))
-        .await?;
+    let first = response(
+        sandbox
+            .runtime
+            .invoke(terminate_event(&sandbox, "tl-late"), SHORT_TIMEOUT)
+            .await?,
+        &sandbox,
+    );
+    let completed = wait_for_completion(&sandbox, Duration::from_secs(30)).await;
 
-    let r = response(outcome, &sandbox);
-    assert_eq!(r["results"][0]["outcome"], "drain-incomplete");
+    assert_eq!(first["results"][0]["outcome"], "drain-continues");
     assert_eq!(
-        r["results"][0]["lifecycle"], "completed",
+        completed.as_deref(),
+        Some("CONTINUE"),
         "scale-in must not hang"
     );
-    let left = r["results"][0]["drain"]["left"]
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(continuation_outcomes(&sandbox), ["drain-incomplete"]);
+    let (payload, outcome) = sandbox.runtime.queue().async_outcomes().remove(0);
+    assert_eq!(payload["nth-continuation"]["round"], 2);
+    let Some(Outcome::Response(last)) = outcome else {
+        panic!("the last round answered")
+    };
+    assert_eq!(last["results"][0]["lifecycle"], "completed");
+    let left = last["results"][0]["drain"]["left"]
         .as_array()
         .cloned()
         .unwrap_or_default();

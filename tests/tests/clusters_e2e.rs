@@ -1,0 +1,241 @@
+//! One deployment, several clusters (CLUSTERS): each instance's tags name its cluster, whose
+//! endpoint and CA come from eks:DescribeCluster, once per cluster per container. Two
+//! Kubernetes API emulators stand in for two EKS clusters; each checks that the token it is
+//! given was minted for it.
+
+use nth_tests::kube::{AuthConfig, KubeApi};
+use nth_tests::moto::Instance;
+use nth_tests::runtime_api::Outcome;
+use nth_tests::sandbox::{self, add_node_to, Sandbox, CLUSTER, MANAGED_TAG};
+use nth_tests::TEST_SECRET_KEY;
+use serde_json::Value;
+
+/// The sandbox's function with CLUSTERS instead of one cluster's name and endpoint.
+async fn serving(clusters: &str) -> anyhow::Result<Sandbox> {
+    Sandbox::start(&[
+        ("CLUSTERS", clusters),
+        ("CLUSTER_NAME", ""),
+        ("CLUSTER_ENDPOINT", ""),
+        ("CLUSTER_CA_DATA", ""),
+    ])
+    .await
+}
+
+/// A second emulated cluster, known to eks:DescribeCluster.
+async fn second_cluster(sandbox: &Sandbox, name: &str) -> anyhow::Result<KubeApi> {
+    let kube = KubeApi::start(
+        AuthConfig {
+            cluster_name: name.to_owned(),
+            secret_access_key: Some(TEST_SECRET_KEY.to_owned()),
+        },
+        sandbox::sandbox_behaviour(),
+    )
+    .await?;
+    sandbox.aws.add_cluster(name, &kube.url, &kube.ca_pem);
+    Ok(kube)
+}
+
+async fn managed_instance(
+    sandbox: &Sandbox,
+    cluster_tag: (&str, &str),
+) -> anyhow::Result<Instance> {
+    sandbox
+        .moto
+        .run_instance("us-east-1b", &[cluster_tag, (MANAGED_TAG, "true")])
+        .await
+}
+
+fn spot(instance: &Instance, id: &str) -> Value {
+    sandbox::event(
+        id,
+        "aws.ec2",
+        "EC2 Spot Instance Interruption Warning",
+        &instance.id,
+        serde_json::json!({ "instance-id": instance.id, "instance-action": "terminate" }),
+    )
+}
+
+fn first_outcome(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Response(v) => v["results"][0]["outcome"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+        Outcome::Error {
+            error_type,
+            message,
+        } => format!("{error_type}: {message}"),
+    }
+}
+
+fn unschedulable(kube: &KubeApi, node: &str) -> bool {
+    kube.node(node).expect("node")["spec"]["unschedulable"] == true
+}
+
+fn describe_calls(sandbox: &Sandbox) -> usize {
+    sandbox
+        .aws
+        .actions()
+        .iter()
+        .filter(|a| *a == "DescribeCluster")
+        .count()
+}
+
+/// Requests an emulator saw that name `node`.
+fn requests_about(kube: &KubeApi, node: &str) -> usize {
+    kube.requests()
+        .iter()
+        .filter(|r| r.uri.contains(node))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_deployment_drains_nodes_in_each_listed_cluster() -> anyhow::Result<()> {
+    let sandbox = serving(&format!("{CLUSTER}, blue")).await?;
+    let blue = second_cluster(&sandbox, "blue").await?;
+    let blue_instance = managed_instance(&sandbox, ("kubernetes.io/cluster/blue", "owned")).await?;
+    add_node_to(&blue, &blue_instance, 3);
+    let blue_node = blue_instance.private_dns_name.clone();
+
+    let home = sandbox.invoke(sandbox.spot_event("clusters-home")).await?;
+    let away = sandbox
+        .invoke(spot(&blue_instance, "clusters-blue"))
+        .await?;
+
+    assert_eq!(first_outcome(&home), "drained");
+    assert_eq!(first_outcome(&away), "drained");
+    assert!(unschedulable(&sandbox.kube, sandbox.node_name()));
+    assert!(unschedulable(&blue, &blue_node));
+    let left: Vec<String> = blue
+        .pods_on(&blue_node)
+        .iter()
+        .filter_map(|p| p["metadata"]["labels"]["app"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(
+        left,
+        ["aws-node"],
+        "only the DaemonSet pod stays on the blue node"
+    );
+    assert_eq!(
+        requests_about(&sandbox.kube, &blue_node),
+        0,
+        "the blue instance's node was looked for in the blue cluster only"
+    );
+    assert!(
+        blue.auth_failures().is_empty(),
+        "{:?}",
+        blue.auth_failures()
+    );
+    assert!(sandbox.kube.auth_failures().is_empty());
+
+    // A warm container keeps what it learnt: the event delivered again asks EKS nothing.
+    let again = sandbox
+        .invoke(spot(&blue_instance, "clusters-blue"))
+        .await?;
+    assert_eq!(first_outcome(&again), "already-drained");
+    assert_eq!(
+        describe_calls(&sandbox),
+        2,
+        "one DescribeCluster per cluster"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_of_unlisted_or_unnamed_clusters_are_never_touched() -> anyhow::Result<()> {
+    let sandbox = serving("blue").await?;
+    let blue = second_cluster(&sandbox, "blue").await?;
+    // Its node sits in the sandbox cluster, but its tags say green, which is not served.
+    let green = managed_instance(&sandbox, ("eks:cluster-name", "green")).await?;
+    sandbox.add_node(&green, 2);
+    let untagged = sandbox
+        .moto
+        .run_instance("us-east-1b", &[(MANAGED_TAG, "true")])
+        .await?;
+    sandbox.add_node(&untagged, 2);
+
+    let not_listed = sandbox.invoke(spot(&green, "clusters-green")).await?;
+    let no_tag = sandbox.invoke(spot(&untagged, "clusters-untagged")).await?;
+    // The sandbox's own instance is tagged for a cluster this deployment does not list.
+    let home = sandbox
+        .invoke(sandbox.spot_event("clusters-unlisted-home"))
+        .await?;
+
+    assert!(first_outcome(&not_listed).contains("green, which is not in CLUSTERS"));
+    assert!(first_outcome(&no_tag).contains("no cluster tag"));
+    assert!(first_outcome(&home).contains("not in CLUSTERS"));
+    for node in [&green.private_dns_name, &untagged.private_dns_name] {
+        assert!(!unschedulable(&sandbox.kube, node));
+        assert_eq!(sandbox.kube.pods_on(node).len(), 3);
+    }
+    assert!(!unschedulable(&sandbox.kube, sandbox.node_name()));
+    assert!(sandbox.kube.requests().is_empty(), "no cluster was called");
+    assert!(blue.requests().is_empty());
+    assert_eq!(describe_calls(&sandbox), 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn star_serves_every_cluster_the_account_has() -> anyhow::Result<()> {
+    let sandbox = serving("*").await?;
+    let ghost = managed_instance(&sandbox, ("eks:cluster-name", "ghost")).await?;
+    sandbox.add_node(&ghost, 1);
+    // EKS throttles the first two lookups; the function tries again.
+    sandbox
+        .aws
+        .fail("DescribeCluster", "ThrottlingException", 2);
+
+    let home = sandbox.invoke(sandbox.spot_event("clusters-star")).await?;
+    let unknown = sandbox.invoke(spot(&ghost, "clusters-ghost")).await?;
+
+    assert_eq!(first_outcome(&home), "drained");
+    assert!(unschedulable(&sandbox.kube, sandbox.node_name()));
+    let Outcome::Response(_) = &unknown else {
+        panic!("a cluster EKS does not know is not an error to retry: {unknown:?}");
+    };
+    assert!(
+        first_outcome(&unknown).contains("cluster ghost, which is not in this account"),
+        "{}",
+        first_outcome(&unknown)
+    );
+    assert!(!unschedulable(&sandbox.kube, &ghost.private_dns_name));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_name_alone_is_enough() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start(&[("CLUSTER_ENDPOINT", ""), ("CLUSTER_CA_DATA", "")]).await?;
+
+    let outcome = sandbox
+        .invoke(sandbox.spot_event("clusters-name-only"))
+        .await?;
+
+    assert_eq!(first_outcome(&outcome), "drained");
+    assert!(unschedulable(&sandbox.kube, sandbox.node_name()));
+    assert_eq!(describe_calls(&sandbox), 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_eks_cannot_describe_fails_the_invocation_for_a_retry() -> anyhow::Result<()> {
+    let sandbox = serving(CLUSTER).await?;
+    sandbox.aws.fail("DescribeCluster", "InternalFailure", 3);
+
+    let outcome = sandbox
+        .invoke(sandbox.spot_event("clusters-eks-down"))
+        .await?;
+
+    let message = first_outcome(&outcome);
+    assert!(
+        message.starts_with("InterruptionFailed")
+            && message.contains("eks:DescribeCluster of sandbox")
+            && message.contains(&sandbox.instance.id),
+        "{message}"
+    );
+    assert!(!unschedulable(&sandbox.kube, sandbox.node_name()));
+    let retried = sandbox
+        .invoke(sandbox.spot_event("clusters-eks-down"))
+        .await?;
+    assert_eq!(first_outcome(&retried), "drained");
+    Ok(())
+}
