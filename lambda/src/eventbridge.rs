@@ -318,8 +318,9 @@ impl Context {
             Some(entities) => entities.iter().map(|e| e.entity_value.clone()).collect(),
             None => envelope.resources.clone().unwrap_or_default(),
         };
-        instances.retain(|i| is_instance_id(i));
-        instances.dedup();
+        // An instance named twice is one interruption: two would drain its node side by side.
+        let mut seen = std::collections::HashSet::new();
+        instances.retain(|i| is_instance_id(i) && seen.insert(i.clone()));
         if instances.is_empty() {
             return Ok(Parsed::Skipped(
                 "AWS Health event names no EC2 instance".to_owned(),

@@ -127,6 +127,17 @@ pub struct Invocation {
     pub function_arn: Option<String>,
 }
 
+impl Invocation {
+    /// The account the function runs in, from its ARN.
+    pub fn account(&self) -> Option<&str> {
+        self.function_arn
+            .as_deref()?
+            .split(':')
+            .nth(4)
+            .filter(|a| !a.is_empty())
+    }
+}
+
 /// One payload's handling.
 struct Run<'a> {
     invocation: &'a Invocation,
@@ -228,18 +239,12 @@ impl Handler {
                 return Err(error.into());
             }
         };
-        let event_region = event
-            .get("region")
-            .and_then(Value::as_str)
-            .filter(|r| !r.is_empty());
-        let parsed = match (parsed, event_region) {
-            (Parsed::Interruptions(_), Some(region)) if region != self.region => {
-                Parsed::Skipped(format!(
-                    "event from region {region}; this function serves {}",
-                    self.region
-                ))
-            }
-            (parsed, _) => parsed,
+        let parsed = match parsed {
+            Parsed::Interruptions(_) => match self.foreign(event, invocation) {
+                Some(reason) => Parsed::Skipped(reason),
+                None => parsed,
+            },
+            skipped => skipped,
         };
         let interruptions = match parsed {
             Parsed::Skipped(reason) => {
@@ -332,6 +337,28 @@ impl Handler {
                     .join("; "),
             })
         }
+    }
+
+    /// Why an event is not this function's to act on: it comes from another region or
+    /// account (through a cross-region or cross-account rule), and names instances this
+    /// function's role cannot see.
+    fn foreign(&self, event: &Value, invocation: &Invocation) -> Option<String> {
+        let field = |name: &str| {
+            event
+                .get(name)
+                .and_then(Value::as_str)
+                .filter(|v| !v.is_empty())
+        };
+        if let Some(region) = field("region").filter(|r| *r != self.region) {
+            return Some(format!(
+                "event from region {region}; this function serves {}",
+                self.region
+            ));
+        }
+        let ours = invocation.account()?;
+        field("account")
+            .filter(|account| *account != ours)
+            .map(|account| format!("event from account {account}; this function serves {ours}"))
     }
 
     /// Writes the invocation's EMF line to standard output, where Lambda's log capture

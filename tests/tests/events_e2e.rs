@@ -734,7 +734,7 @@ async fn dry_run_writes_nothing_to_kubernetes_or_auto_scaling() -> anyhow::Resul
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn events_from_another_region_or_long_past_are_handled_safely() -> anyhow::Result<()> {
+async fn events_from_elsewhere_or_with_odd_times_are_handled_safely() -> anyhow::Result<()> {
     let sandbox = Sandbox::start(&[]).await?;
     let mut foreign = sandbox.spot_event("rg-1");
     foreign["region"] = json!("eu-west-1");
@@ -745,7 +745,18 @@ async fn events_from_another_region_or_long_past_are_handled_safely() -> anyhow:
             .is_some_and(|s| s.contains("eu-west-1")),
         "{r}"
     );
+    let mut other_account = sandbox.spot_event("acct-1");
+    other_account["account"] = json!("999999999999");
+    let r = response(sandbox.invoke(other_account).await?, &sandbox);
+    assert!(
+        r["skipped"]
+            .as_str()
+            .is_some_and(|s| s
+                .contains("event from account 999999999999; this function serves 123456789012")),
+        "{r}"
+    );
     assert!(sandbox.kube.requests().is_empty());
+    assert!(sandbox.aws.actions().is_empty(), "no AWS call either");
 
     // A Spot warning redriven from the dead-letter queue hours later: the node is still
     // drained, but pods keep their own grace instead of being killed at once.
@@ -760,5 +771,55 @@ async fn events_from_another_region_or_long_past_are_handled_safely() -> anyhow:
         !graces.is_empty() && graces.iter().all(Option::is_none),
         "no grace clipped to zero: {graces:?}"
     );
+    sandbox.kube.world(|w| w.record.evictions.clear());
+
+    // A time far in the future (a skewed or forged clock) does not postpone the drain, and
+    // gives no reason to cut grace periods short.
+    let other = sandbox.add_instance_node(&[], 3).await?;
+    let mut future = event(
+        "future-1",
+        "aws.ec2",
+        "EC2 Spot Instance Interruption Warning",
+        &other.id,
+        json!({"instance-id": other.id, "instance-action": "terminate"}),
+    );
+    future["time"] = json!("2999-01-01T00:00:00Z");
+    let r = response(sandbox.invoke(future).await?, &sandbox);
+    assert_eq!(r["results"][0]["outcome"], "drained");
+    let graces: Vec<Option<i64>> = sandbox
+        .kube
+        .world(|w| w.record.evictions.iter().map(|e| e.grace_seconds).collect());
+    assert!(
+        !graces.is_empty() && graces.iter().all(Option::is_none),
+        "grace periods kept: {graces:?}"
+    );
+
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_only_looks_like_the_instance_is_left_alone() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start(&[]).await?;
+    let look_alike = sandbox.node_name().to_owned();
+    let zone = sandbox.instance.availability_zone.clone();
+    // The node named after the instance's DNS name is another instance's; the instance's
+    // own node was given a custom name.
+    sandbox.kube.world(|w| {
+        w.add_node(fixtures::node(&look_alike, "i-0123456789abcdef0", &zone));
+        w.add_node(fixtures::node("custom-name-7", &sandbox.instance.id, &zone));
+    });
+
+    let r = response(
+        sandbox.invoke(sandbox.spot_event("look-alike-1")).await?,
+        &sandbox,
+    );
+
+    assert_eq!(r["results"][0]["node"], "custom-name-7");
+    let own = sandbox.kube.node("custom-name-7").expect("node");
+    assert_eq!(own["spec"]["unschedulable"], true);
+    let other = sandbox.kube.node(&look_alike).expect("node");
+    assert_ne!(other["spec"]["unschedulable"], true);
+    assert!(taint_keys(&other).is_empty());
+    assert_eq!(workload_pods(&sandbox, &look_alike), 8, "its pods stay");
     Ok(())
 }

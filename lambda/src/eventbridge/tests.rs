@@ -211,6 +211,29 @@ fn health_event_gives_each_instance_its_own_interruption() {
 }
 
 #[test]
+fn oversize_events_are_parsed_whole_and_unknown_bulk_ignored() {
+    // EventBridge caps an event at 256 KiB; a payload four times that still parses, its
+    // unknown fields ignored.
+    let mut spot = sample("spot-interruption-warning.json");
+    spot["detail"]["padding"] = json!("x".repeat(1 << 20));
+    spot["resources"] = json!(vec!["arn:aws:ec2:us-east-1:1:instance/i-0"; 10_000]);
+    assert_eq!(interruptions(&spot).len(), 1);
+
+    // A Health event naming thousands of instances gives each its own interruption (the
+    // handler works through them a bounded number at a time); duplicates collapse to one.
+    let mut health = sample("aws-health-scheduled-change.json");
+    let mut entities: Vec<Value> = (0..5_000)
+        .map(|n| json!({ "entityValue": format!("i-{n:017x}") }))
+        .collect();
+    entities.push(json!({ "entityValue": "i-00000000000000000" }));
+    health["detail"]["affectedEntities"] = json!(entities);
+    let list = interruptions(&health);
+    let ids: std::collections::HashSet<&str> = list.iter().map(|i| i.id.as_str()).collect();
+    assert_eq!(list.len(), 5_000);
+    assert_eq!(ids.len(), 5_000);
+}
+
+#[test]
 fn health_event_without_end_time_or_entities_uses_resources() {
     let mut event = sample("aws-health-scheduled-change.json");
     let detail = event["detail"].as_object_mut().expect("object");
