@@ -215,13 +215,24 @@ impl NodeMarker {
         self.patch(node, patch).await.map(drop)
     }
 
+    /// Forgets that a drain goes on elsewhere: the chain of invocations ended.
+    pub async fn end_continuing(&self, node: &str) -> Result<(), NodeError> {
+        let patch =
+            json!({"metadata": {"annotations": {self.policy.continuing_annotation(): null}}});
+        self.patch(node, patch).await.map(drop)
+    }
+
     /// Records on the node that this interruption's drain completed.
     pub async fn record_drained(
         &self,
         node: &str,
         interruption: &Interruption,
     ) -> Result<(), NodeError> {
-        let mut patch = json!({"metadata": {"annotations": {self.policy.drained_annotation(): interruption.id}}});
+        // A drain continued across invocations ends here too.
+        let mut patch = json!({"metadata": {"annotations": {
+            self.policy.drained_annotation(): interruption.id,
+            self.policy.continuing_annotation(): null,
+        }}});
         // A rebalance recommendation's instance keeps running: it is not out of service.
         if self.policy.out_of_service_taint
             && interruption.kind != InterruptionKind::RebalanceRecommendation

@@ -563,17 +563,17 @@ impl Handler {
                 .into(),
             )));
         }
+        if cluster.marker.drained_for(&node, interruption) {
+            info!(node = %node_name, "this interruption's drain already completed; not draining again");
+            finish_notice(cordon_notice).await;
+            return Ok(Prepared::from(Step::Done("already-drained".into())));
+        }
         if run.continuation.is_none() && cluster.marker.continuing_for(&node, interruption) {
             info!(node = %node_name, "this interruption's drain goes on in another invocation; not starting a second");
             finish_notice(cordon_notice).await;
             return Ok(Prepared::from(Step::Continues(
                 "drain-continuing-elsewhere".into(),
             )));
-        }
-        if cluster.marker.drained_for(&node, interruption) {
-            info!(node = %node_name, "this interruption's drain already completed; not draining again");
-            finish_notice(cordon_notice).await;
-            return Ok(Prepared::from(Step::Done("already-drained".into())));
         }
         Ok(Prepared::Drain {
             cluster,
@@ -653,6 +653,10 @@ impl Handler {
                 .await?;
             "drained"
         } else {
+            if run.continuation.is_some() {
+                // The chain ends here: a later delivery must not take it for a live one.
+                cluster.marker.end_continuing(&node_name).await?;
+            }
             if interruption.lifecycle.is_some() {
                 warn!(
                     left = report.left.len(),

@@ -254,6 +254,13 @@ async fn wait_for_completion(sandbox: &Sandbox, within: Duration) -> Option<Stri
     None
 }
 
+/// The node's record of a drain going on in another invocation.
+fn continuing_annotation(sandbox: &Sandbox) -> Value {
+    sandbox.kube.node(sandbox.node_name()).expect("node")["metadata"]["annotations"]
+        ["node-termination-handler/drain-continues-for"]
+        .clone()
+}
+
 /// The outcomes of the function's invocations of itself, in order.
 fn continuation_outcomes(sandbox: &Sandbox) -> Vec<String> {
     sandbox
@@ -291,7 +298,7 @@ async fn a_drain_longer_than_an_invocation_continues_in_the_next() -> anyhow::Re
     );
     // EventBridge delivers the event a second time while the drain goes on.
     let duplicate = response(
-        sandbox.runtime.invoke(event, SHORT_TIMEOUT).await?,
+        sandbox.runtime.invoke(event.clone(), SHORT_TIMEOUT).await?,
         &sandbox,
     );
     freeze_web(&sandbox, 1);
@@ -321,6 +328,13 @@ async fn a_drain_longer_than_an_invocation_continues_in_the_next() -> anyhow::Re
         completions, 1,
         "answered once, by the invocation that finished"
     );
+    // Once the chain has ended, the event delivered yet again is what any duplicate is.
+    let late = response(
+        sandbox.runtime.invoke(event, SHORT_TIMEOUT).await?,
+        &sandbox,
+    );
+    assert_eq!(late["results"][0]["outcome"], "already-drained");
+    assert_eq!(continuing_annotation(&sandbox), Value::Null);
     let action = sandbox.aws.pending().remove(0);
     let (_, completed_at) = action.completed.expect("completed");
     assert!(
@@ -381,6 +395,11 @@ async fn a_drain_stops_at_max_drain_seconds_and_completes_the_lifecycle_action(
         workload_pods(&sandbox, sandbox.node_name()),
         6,
         "the PDB was never broken"
+    );
+    assert_eq!(
+        continuing_annotation(&sandbox),
+        Value::Null,
+        "the chain ended"
     );
     Ok(())
 }
