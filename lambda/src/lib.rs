@@ -43,7 +43,17 @@ pub enum SetupError {
 /// Builds the AWS and Kubernetes clients. AWS settings come from the environment as every
 /// AWS SDK reads them (AWS_REGION, credentials, AWS_ENDPOINT_URL for emulators).
 pub async fn build_handler(config: Config) -> Result<Handler, SetupError> {
-    let aws = aws_config::defaults(BehaviorVersion::latest()).load().await;
+    // The SDK sets no read timeout by default: an endpoint that stops answering would hold
+    // the invocation until Lambda kills it, with no report. Each attempt is bounded instead,
+    // and the SDK's retries get a fresh connection.
+    let timeouts = aws_config::timeout::TimeoutConfig::builder()
+        .operation_attempt_timeout(signed::ATTEMPT_TIMEOUT)
+        .operation_timeout(signed::OPERATION_TIMEOUT)
+        .build();
+    let aws = aws_config::defaults(BehaviorVersion::latest())
+        .timeout_config(timeouts)
+        .load()
+        .await;
     let region = aws.region().ok_or(SetupError::NoRegion)?.to_string();
     let credentials = aws
         .credentials_provider()

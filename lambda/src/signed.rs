@@ -79,6 +79,15 @@ pub fn path_segment(value: &str) -> String {
         .collect()
 }
 
+/// One attempt of an AWS call, connection included: EC2, Auto Scaling, EKS and Lambda answer
+/// these small calls in well under a second, so five seconds means the endpoint is not
+/// answering (a VPC without the endpoint, a network fault), and another attempt is better
+/// than waiting on.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A whole call with its retries: three attempts that time out, and the backoff between them.
+pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(16);
+
 /// Attempts of a call before its failure is reported, as the SDK clients' standard retry
 /// mode makes them: throttling and server errors are usually gone within a second.
 const ATTEMPTS: u32 = 3;
@@ -93,7 +102,9 @@ pub async fn send(aws: &aws_config::SdkConfig, call: SignedCall<'_>) -> Result<A
     let mut backoff = FIRST_BACKOFF;
     let mut attempt = 1;
     loop {
-        let sent = send_once(aws, &call).await;
+        let sent = tokio::time::timeout(ATTEMPT_TIMEOUT, send_once(aws, &call))
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {ATTEMPT_TIMEOUT:?}")));
         let transient = match &sent {
             Ok((status, _)) => {
                 *status == http::StatusCode::TOO_MANY_REQUESTS || status.is_server_error()

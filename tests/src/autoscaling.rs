@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use base64::Engine;
@@ -51,6 +51,8 @@ pub struct LifecycleCall {
 struct Inner {
     /// Actions to fail: (action, error code, times left).
     faults: Vec<(String, String, usize)>,
+    /// Actions to hold before answering: (action, delay, times left).
+    delays: Vec<(String, Duration, usize)>,
     pending: Vec<PendingAction>,
     calls: Vec<LifecycleCall>,
     /// Every AWS API action seen, in order, with its arrival (for round-trip counting).
@@ -159,6 +161,14 @@ impl AwsFront {
             .push((action.to_owned(), code.to_owned(), times));
     }
 
+    /// Holds the next `times` calls of `action` for `delay` before answering, as an endpoint
+    /// that has stopped responding does.
+    pub fn delay(&self, action: &str, delay: Duration, times: usize) {
+        lock(&self.inner)
+            .delays
+            .push((action.to_owned(), delay, times));
+    }
+
     /// Every AWS API action the function called, in order.
     pub fn actions(&self) -> Vec<String> {
         lock(&self.inner)
@@ -229,6 +239,20 @@ async fn handle(
     lock(&state.inner)
         .actions
         .push((Instant::now(), action.clone()));
+    let delay = {
+        let mut inner = lock(&state.inner);
+        inner
+            .delays
+            .iter_mut()
+            .find(|(a, _, times)| *a == action && *times > 0)
+            .map(|(_, delay, times)| {
+                *times -= 1;
+                *delay
+            })
+    };
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay).await;
+    }
     let fault = {
         let mut inner = lock(&state.inner);
         inner

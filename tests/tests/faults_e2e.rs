@@ -2,6 +2,8 @@
 //! that cannot be done fails the invocation so that Lambda retries it (and, in the end,
 //! keeps it in the dead-letter queue).
 
+use std::time::Duration;
+
 use nth_tests::runtime_api::Outcome;
 use nth_tests::sandbox::Sandbox;
 
@@ -64,6 +66,56 @@ async fn ec2_throttling_is_survived() -> anyhow::Result<()> {
         .filter(|a| *a == "DescribeInstances")
         .count();
     assert_eq!(calls, 3, "two throttled attempts, then success");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_connections_and_a_hung_api_server_are_retried() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start(&[]).await?;
+    let node = sandbox.node_name().to_owned();
+    sandbox
+        .kube
+        .inject_reset("GET", &format!("/api/v1/nodes/{node}"), 1);
+    sandbox.kube.inject_reset("GET", "/api/v1/pods", 2);
+    // Longer than the client's 20 s request timeout: the cordon is sent again.
+    sandbox
+        .kube
+        .inject_delay("PATCH", "/api/v1/nodes/", Duration::from_secs(22), 1);
+
+    let outcome = sandbox.invoke(sandbox.spot_event("resets-1")).await?;
+
+    assert_eq!(outcome_of(&outcome), "drained");
+    let node_state = sandbox.kube.node(&node).expect("node");
+    assert_eq!(node_state["spec"]["unschedulable"], true);
+    assert!(sandbox.kube.pods_on(&node).len() <= 2, "workload pods gone");
+    let patches = sandbox
+        .kube
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PATCH")
+        .count();
+    assert!(patches >= 2, "the hung PATCH was sent again ({patches})");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_aws_endpoint_is_timed_out_and_retried() -> anyhow::Result<()> {
+    let sandbox = Sandbox::start(&[]).await?;
+    // Longer than the 5 s attempt timeout.
+    sandbox
+        .aws
+        .delay("DescribeInstances", Duration::from_secs(8), 1);
+
+    let outcome = sandbox.invoke(sandbox.spot_event("hung-aws-1")).await?;
+
+    assert_eq!(outcome_of(&outcome), "drained");
+    let calls = sandbox
+        .aws
+        .actions()
+        .iter()
+        .filter(|a| *a == "DescribeInstances")
+        .count();
+    assert_eq!(calls, 2, "the hung attempt, then a fresh one");
     Ok(())
 }
 

@@ -47,8 +47,19 @@ pub struct RequestRecord {
 struct Fault {
     method: String,
     path_contains: String,
-    status: u16,
+    kind: FaultKind,
     times: usize,
+}
+
+/// What an injected fault does to a request.
+#[derive(Debug, Clone, Copy)]
+enum FaultKind {
+    /// Answer with this status (500, 503, 429 ...).
+    Status(u16),
+    /// Answer only after this long, as a hung server does.
+    Delay(Duration),
+    /// Send the headers, then cut the answer off, as a dropped connection does.
+    Reset,
 }
 
 #[derive(Debug, Default)]
@@ -143,10 +154,25 @@ impl KubeApi {
     /// Fails the next `times` requests with `method` whose path contains `path_contains`,
     /// with `status` (500, 503, 429 ...), as an overloaded or restarting API server does.
     pub fn inject_failures(&self, method: &str, path_contains: &str, status: u16, times: usize) {
+        self.inject(method, path_contains, FaultKind::Status(status), times);
+    }
+
+    /// Holds the next `times` matching requests for `delay` before answering them.
+    pub fn inject_delay(&self, method: &str, path_contains: &str, delay: Duration, times: usize) {
+        self.inject(method, path_contains, FaultKind::Delay(delay), times);
+    }
+
+    /// Cuts the next `times` matching answers off after their headers: the client sees the
+    /// stream (HTTP/2) or the connection (HTTP/1.1) reset.
+    pub fn inject_reset(&self, method: &str, path_contains: &str, times: usize) {
+        self.inject(method, path_contains, FaultKind::Reset, times);
+    }
+
+    fn inject(&self, method: &str, path_contains: &str, kind: FaultKind, times: usize) {
         lock(&self.seen).faults.push(Fault {
             method: method.to_owned(),
             path_contains: path_contains.to_owned(),
-            status,
+            kind,
             times,
         });
     }
@@ -253,12 +279,28 @@ async fn authenticate_and_record(
             .find(|f| f.times > 0 && f.method == method && path.contains(&f.path_contains))
             .map(|f| {
                 f.times -= 1;
-                f.status
+                f.kind
             })
     };
+    if let Some(FaultKind::Delay(delay)) = injected {
+        tokio::time::sleep(delay).await;
+    }
     let response = match (verdict, injected) {
-        (_, Some(status)) => ApiError::injected(status).into_response(),
-        (verdict, None) => match verdict {
+        (_, Some(FaultKind::Status(status))) => ApiError::injected(status).into_response(),
+        (_, Some(FaultKind::Reset)) => {
+            let cut = futures::stream::once(async {
+                Err::<axum::body::Bytes, _>(std::io::Error::from(
+                    std::io::ErrorKind::ConnectionReset,
+                ))
+            });
+            (
+                StatusCode::OK,
+                [("content-type", "application/json")],
+                axum::body::Body::from_stream(cut),
+            )
+                .into_response()
+        }
+        (verdict, _) => match verdict {
             Ok(()) => {
                 if let Some(token) = header.as_deref().and_then(|h| h.strip_prefix("Bearer ")) {
                     let mut seen = lock(&state.seen);
