@@ -178,6 +178,15 @@ impl AwsFront {
             .collect()
     }
 
+    /// How many times the function called `action`.
+    pub fn count(&self, action: &str) -> usize {
+        lock(&self.inner)
+            .actions
+            .iter()
+            .filter(|(_, a)| a == action)
+            .count()
+    }
+
     /// The AWS API actions called at or after `since`.
     pub fn actions_since(&self, since: Instant) -> Vec<String> {
         lock(&self.inner)
@@ -187,6 +196,17 @@ impl AwsFront {
             .map(|(_, a)| a.clone())
             .collect()
     }
+}
+
+/// The next use of an injected fault for `action`, if any is left.
+fn take<T: Clone>(faults: &mut [(String, T, usize)], action: &str) -> Option<T> {
+    faults
+        .iter_mut()
+        .find(|(a, _, times)| a == action && *times > 0)
+        .map(|(_, fault, times)| {
+            *times -= 1;
+            fault.clone()
+        })
 }
 
 fn xml_error(code: &str, message: &str) -> Response {
@@ -239,31 +259,11 @@ async fn handle(
     lock(&state.inner)
         .actions
         .push((Instant::now(), action.clone()));
-    let delay = {
-        let mut inner = lock(&state.inner);
-        inner
-            .delays
-            .iter_mut()
-            .find(|(a, _, times)| *a == action && *times > 0)
-            .map(|(_, delay, times)| {
-                *times -= 1;
-                *delay
-            })
-    };
+    let delay = take(&mut lock(&state.inner).delays, &action);
     if let Some(delay) = delay {
         tokio::time::sleep(delay).await;
     }
-    let fault = {
-        let mut inner = lock(&state.inner);
-        inner
-            .faults
-            .iter_mut()
-            .find(|(a, _, times)| *a == action && *times > 0)
-            .map(|(_, code, times)| {
-                *times -= 1;
-                code.clone()
-            })
-    };
+    let fault = take(&mut lock(&state.inner).faults, &action);
     if let Some(code) = fault {
         // EC2's error document; its throttling answer is a 503.
         let body = format!(

@@ -28,6 +28,22 @@ pub enum Outcome {
     },
 }
 
+impl Outcome {
+    /// The first interruption's outcome (`drained`, ...), or `errorType: errorMessage`.
+    pub fn summary(&self) -> String {
+        match self {
+            Self::Response(v) => v["results"][0]["outcome"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            Self::Error {
+                error_type,
+                message,
+            } => format!("{error_type}: {message}"),
+        }
+    }
+}
+
 struct Pending {
     id: String,
     payload: Value,

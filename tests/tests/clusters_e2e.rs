@@ -55,30 +55,8 @@ fn spot(instance: &Instance, id: &str) -> Value {
     )
 }
 
-fn first_outcome(outcome: &Outcome) -> String {
-    match outcome {
-        Outcome::Response(v) => v["results"][0]["outcome"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned(),
-        Outcome::Error {
-            error_type,
-            message,
-        } => format!("{error_type}: {message}"),
-    }
-}
-
 fn unschedulable(kube: &KubeApi, node: &str) -> bool {
     kube.node(node).expect("node")["spec"]["unschedulable"] == true
-}
-
-fn describe_calls(sandbox: &Sandbox) -> usize {
-    sandbox
-        .aws
-        .actions()
-        .iter()
-        .filter(|a| *a == "DescribeCluster")
-        .count()
 }
 
 /// Requests an emulator saw that name `node`.
@@ -102,8 +80,8 @@ async fn one_deployment_drains_nodes_in_each_listed_cluster() -> anyhow::Result<
         .invoke(spot(&blue_instance, "clusters-blue"))
         .await?;
 
-    assert_eq!(first_outcome(&home), "drained");
-    assert_eq!(first_outcome(&away), "drained");
+    assert_eq!(home.summary(), "drained");
+    assert_eq!(away.summary(), "drained");
     assert!(unschedulable(&sandbox.kube, sandbox.node_name()));
     assert!(unschedulable(&blue, &blue_node));
     let left: Vec<String> = blue
@@ -132,9 +110,9 @@ async fn one_deployment_drains_nodes_in_each_listed_cluster() -> anyhow::Result<
     let again = sandbox
         .invoke(spot(&blue_instance, "clusters-blue"))
         .await?;
-    assert_eq!(first_outcome(&again), "already-drained");
+    assert_eq!(again.summary(), "already-drained");
     assert_eq!(
-        describe_calls(&sandbox),
+        sandbox.aws.count("DescribeCluster"),
         2,
         "one DescribeCluster per cluster"
     );
@@ -161,9 +139,11 @@ async fn instances_of_unlisted_or_unnamed_clusters_are_never_touched() -> anyhow
         .invoke(sandbox.spot_event("clusters-unlisted-home"))
         .await?;
 
-    assert!(first_outcome(&not_listed).contains("green, which is not in CLUSTERS"));
-    assert!(first_outcome(&no_tag).contains("no cluster tag"));
-    assert!(first_outcome(&home).contains("not in CLUSTERS"));
+    assert!(not_listed
+        .summary()
+        .contains("green, which is not in CLUSTERS"));
+    assert!(no_tag.summary().contains("no cluster tag"));
+    assert!(home.summary().contains("not in CLUSTERS"));
     for node in [&green.private_dns_name, &untagged.private_dns_name] {
         assert!(!unschedulable(&sandbox.kube, node));
         assert_eq!(sandbox.kube.pods_on(node).len(), 3);
@@ -171,7 +151,7 @@ async fn instances_of_unlisted_or_unnamed_clusters_are_never_touched() -> anyhow
     assert!(!unschedulable(&sandbox.kube, sandbox.node_name()));
     assert!(sandbox.kube.requests().is_empty(), "no cluster was called");
     assert!(blue.requests().is_empty());
-    assert_eq!(describe_calls(&sandbox), 0);
+    assert_eq!(sandbox.aws.count("DescribeCluster"), 0);
     Ok(())
 }
 
@@ -188,15 +168,17 @@ async fn star_serves_every_cluster_the_account_has() -> anyhow::Result<()> {
     let home = sandbox.invoke(sandbox.spot_event("clusters-star")).await?;
     let unknown = sandbox.invoke(spot(&ghost, "clusters-ghost")).await?;
 
-    assert_eq!(first_outcome(&home), "drained");
+    assert_eq!(home.summary(), "drained");
     assert!(unschedulable(&sandbox.kube, sandbox.node_name()));
     let Outcome::Response(_) = &unknown else {
         panic!("a cluster EKS does not know is not an error to retry: {unknown:?}");
     };
     assert!(
-        first_outcome(&unknown).contains("cluster ghost, which is not in this account"),
+        unknown
+            .summary()
+            .contains("cluster ghost, which is not in this account"),
         "{}",
-        first_outcome(&unknown)
+        unknown.summary()
     );
     assert!(!unschedulable(&sandbox.kube, &ghost.private_dns_name));
     Ok(())
@@ -210,9 +192,9 @@ async fn cluster_name_alone_is_enough() -> anyhow::Result<()> {
         .invoke(sandbox.spot_event("clusters-name-only"))
         .await?;
 
-    assert_eq!(first_outcome(&outcome), "drained");
+    assert_eq!(outcome.summary(), "drained");
     assert!(unschedulable(&sandbox.kube, sandbox.node_name()));
-    assert_eq!(describe_calls(&sandbox), 1);
+    assert_eq!(sandbox.aws.count("DescribeCluster"), 1);
     Ok(())
 }
 
@@ -225,7 +207,7 @@ async fn a_cluster_eks_cannot_describe_fails_the_invocation_for_a_retry() -> any
         .invoke(sandbox.spot_event("clusters-eks-down"))
         .await?;
 
-    let message = first_outcome(&outcome);
+    let message = outcome.summary();
     assert!(
         message.starts_with("InterruptionFailed")
             && message.contains("eks:DescribeCluster of sandbox")
@@ -236,6 +218,6 @@ async fn a_cluster_eks_cannot_describe_fails_the_invocation_for_a_retry() -> any
     let retried = sandbox
         .invoke(sandbox.spot_event("clusters-eks-down"))
         .await?;
-    assert_eq!(first_outcome(&retried), "drained");
+    assert_eq!(retried.summary(), "drained");
     Ok(())
 }

@@ -230,6 +230,13 @@ async fn heartbeats_keep_the_hook_alive_while_a_pdb_holds_the_drain() -> anyhow:
 /// to answer), so a drain held up for longer needs several.
 const SHORT_TIMEOUT: Duration = Duration::from_secs(8);
 
+/// The grace period each eviction asked for (`None`: the pod's own).
+fn grace_periods(sandbox: &Sandbox) -> Vec<Option<i64>> {
+    sandbox
+        .kube
+        .world(|w| w.record.evictions.iter().map(|e| e.grace_seconds).collect())
+}
+
 /// Holds every `web` pod on its node until released.
 fn freeze_web(sandbox: &Sandbox, max_unavailable: i64) {
     sandbox.kube.world(|w| {
@@ -783,9 +790,7 @@ async fn events_from_elsewhere_or_with_odd_times_are_handled_safely() -> anyhow:
     stale["time"] = json!((chrono::Utc::now() - chrono::Duration::hours(6)).to_rfc3339());
     let r = response(sandbox.invoke(stale).await?, &sandbox);
     assert_eq!(r["results"][0]["outcome"], "drained");
-    let graces: Vec<Option<i64>> = sandbox
-        .kube
-        .world(|w| w.record.evictions.iter().map(|e| e.grace_seconds).collect());
+    let graces = grace_periods(&sandbox);
     assert!(
         !graces.is_empty() && graces.iter().all(Option::is_none),
         "no grace clipped to zero: {graces:?}"
@@ -805,9 +810,7 @@ async fn events_from_elsewhere_or_with_odd_times_are_handled_safely() -> anyhow:
     future["time"] = json!("2999-01-01T00:00:00Z");
     let r = response(sandbox.invoke(future).await?, &sandbox);
     assert_eq!(r["results"][0]["outcome"], "drained");
-    let graces: Vec<Option<i64>> = sandbox
-        .kube
-        .world(|w| w.record.evictions.iter().map(|e| e.grace_seconds).collect());
+    let graces = grace_periods(&sandbox);
     assert!(
         !graces.is_empty() && graces.iter().all(Option::is_none),
         "grace periods kept: {graces:?}"

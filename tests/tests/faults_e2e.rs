@@ -7,19 +7,6 @@ use std::time::Duration;
 use nth_tests::runtime_api::Outcome;
 use nth_tests::sandbox::Sandbox;
 
-fn outcome_of(outcome: &Outcome) -> String {
-    match outcome {
-        Outcome::Response(v) => v["results"][0]["outcome"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned(),
-        Outcome::Error {
-            error_type,
-            message,
-        } => format!("{error_type}: {message}"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_api_server_errors_are_retried() -> anyhow::Result<()> {
     let sandbox = Sandbox::start(&[]).await?;
@@ -34,7 +21,7 @@ async fn transient_api_server_errors_are_retried() -> anyhow::Result<()> {
 
     let outcome = sandbox.invoke(sandbox.spot_event("flaky-1")).await?;
 
-    assert_eq!(outcome_of(&outcome), "drained");
+    assert_eq!(outcome.summary(), "drained");
     let failed = sandbox
         .kube
         .requests()
@@ -58,13 +45,8 @@ async fn ec2_throttling_is_survived() -> anyhow::Result<()> {
 
     let outcome = sandbox.invoke(sandbox.spot_event("throttled-1")).await?;
 
-    assert_eq!(outcome_of(&outcome), "drained");
-    let calls = sandbox
-        .aws
-        .actions()
-        .iter()
-        .filter(|a| *a == "DescribeInstances")
-        .count();
+    assert_eq!(outcome.summary(), "drained");
+    let calls = sandbox.aws.count("DescribeInstances");
     assert_eq!(calls, 3, "two throttled attempts, then success");
     Ok(())
 }
@@ -84,7 +66,7 @@ async fn dropped_connections_and_a_hung_api_server_are_retried() -> anyhow::Resu
 
     let outcome = sandbox.invoke(sandbox.spot_event("resets-1")).await?;
 
-    assert_eq!(outcome_of(&outcome), "drained");
+    assert_eq!(outcome.summary(), "drained");
     let node_state = sandbox.kube.node(&node).expect("node");
     assert_eq!(node_state["spec"]["unschedulable"], true);
     assert!(sandbox.kube.pods_on(&node).len() <= 2, "workload pods gone");
@@ -108,13 +90,8 @@ async fn a_hung_aws_endpoint_is_timed_out_and_retried() -> anyhow::Result<()> {
 
     let outcome = sandbox.invoke(sandbox.spot_event("hung-aws-1")).await?;
 
-    assert_eq!(outcome_of(&outcome), "drained");
-    let calls = sandbox
-        .aws
-        .actions()
-        .iter()
-        .filter(|a| *a == "DescribeInstances")
-        .count();
+    assert_eq!(outcome.summary(), "drained");
+    let calls = sandbox.aws.count("DescribeInstances");
     assert_eq!(calls, 2, "the hung attempt, then a fresh one");
     Ok(())
 }
@@ -164,7 +141,7 @@ async fn a_retried_event_after_a_partial_drain_finishes_the_work() -> anyhow::Re
     // Lambda delivers it again.
     let second = sandbox.invoke(sandbox.spot_event("partial-1")).await?;
 
-    assert_eq!(outcome_of(&second), "drained");
+    assert_eq!(second.summary(), "drained");
     let patches = sandbox
         .kube
         .requests()
@@ -190,7 +167,7 @@ async fn a_token_refused_mid_drain_is_replaced() -> anyhow::Result<()> {
 
     let outcome = sandbox.invoke(sandbox.spot_event("stale-token-1")).await?;
 
-    assert_eq!(outcome_of(&outcome), "drained");
+    assert_eq!(outcome.summary(), "drained");
     assert!(
         !sandbox.kube.auth_failures().is_empty(),
         "the token was refused at least once"
