@@ -110,7 +110,7 @@ impl AwsFront {
         let inner = Arc::clone(&state.inner);
         let app = Router::new().fallback(handle).with_state(state);
         let server = tokio::spawn(async move {
-            let _stopped = axum::serve(listener, app).await;
+            crate::serve_http(listener, app).await;
         });
         Ok(Self {
             endpoint,

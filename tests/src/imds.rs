@@ -106,7 +106,7 @@ impl ImdsEmulator {
         }));
         let router = Router::new().fallback(serve).with_state(Arc::clone(&state));
         let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, router).await;
+            crate::serve_http(listener, router).await;
         });
         Ok(Self { url, state, server })
     }

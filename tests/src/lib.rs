@@ -34,6 +34,18 @@ pub fn workspace_root() -> PathBuf {
         .unwrap_or_default()
 }
 
+/// Serves `app` over plain HTTP until the task is aborted, with TCP_NODELAY on every
+/// connection, as the servers the rig stands in for have it (Go's net/http sets it on every
+/// connection): without it, small answers can wait 40 ms on the peer's delayed ACK, which
+/// real endpoints do not make anyone wait.
+pub async fn serve_http(listener: tokio::net::TcpListener, app: axum::Router) {
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        let _best_effort = tcp.set_nodelay(true);
+    });
+    let _stopped = axum::serve(listener, app).await;
+}
+
 /// A loopback port that was free a moment ago, for servers that cannot bind port 0
 /// themselves (moto_server).
 pub fn free_port() -> std::io::Result<u16> {

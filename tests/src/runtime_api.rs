@@ -123,7 +123,7 @@ impl RuntimeApi {
             .route("/2018-06-01/runtime/init/error", post(init_error))
             .with_state(state);
         let server = tokio::spawn(async move {
-            let _stopped = axum::serve(listener, app).await;
+            crate::serve_http(listener, app).await;
         });
         Ok(Self {
             address,

@@ -73,6 +73,9 @@ pub fn serve_https(
             let Ok((tcp, _)) = listener.accept().await else {
                 continue;
             };
+            // As Go's net/http (the API server's) does on every connection: small HTTP/2
+            // frames go out at once instead of waiting on the peer's delayed ACK.
+            let _best_effort = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let router = router.clone();
             tokio::spawn(async move {

@@ -67,7 +67,7 @@ impl Receiver {
             .route("/services/{a}/{b}/{c}", post(receive))
             .with_state(state);
         let server = tokio::spawn(async move {
-            let _stopped = axum::serve(listener, app).await;
+            crate::serve_http(listener, app).await;
         });
         Ok(Self {
             url,
