@@ -618,12 +618,6 @@ impl Handler {
                 return Ok(Step::DrainFailed(error.to_string()));
             }
         };
-        if !self.policy.dry_run {
-            cluster
-                .events
-                .drain_outcome(node, interruption, &report)
-                .await;
-        }
         if !report.complete && !self.policy.dry_run && window.may_continue {
             if let Some(function) = &run.invocation.function_arn {
                 let next = Continuation {
@@ -643,6 +637,14 @@ impl Handler {
                 result.drain = Some(report);
                 return Ok(Step::Continues("drain-continues".into()));
             }
+        }
+        // Recorded on the node once, when the drain has ended: not for each round of a
+        // drain that goes on.
+        if !self.policy.dry_run {
+            cluster
+                .events
+                .drain_outcome(node, interruption, &report)
+                .await;
         }
         let outcome = if self.policy.dry_run {
             "dry-run"
