@@ -343,14 +343,7 @@ async fn a_drain_longer_than_an_invocation_continues_in_the_next() -> anyhow::Re
     assert_eq!(late["results"][0]["outcome"], "already-drained");
     assert_eq!(continuing_annotation(&sandbox), Value::Null);
     // `kubectl describe node`: one story, not one line per round.
-    let node = sandbox.node_name().to_owned();
-    let reasons: Vec<String> = sandbox.kube.world(|w| {
-        w.events
-            .iter()
-            .filter(|e| e["involvedObject"]["name"] == node.as_str())
-            .filter_map(|e| e["reason"].as_str().map(str::to_owned))
-            .collect()
-    });
+    let reasons = sandbox.kube.event_reasons(sandbox.node_name());
     assert_eq!(reasons, ["ASGLifecycleTermination", "Drained"]);
     let action = sandbox.aws.pending().remove(0);
     let (_, completed_at) = action.completed.expect("completed");

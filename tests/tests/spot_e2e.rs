@@ -81,13 +81,7 @@ async fn spot_interruption_cordons_taints_and_drains_the_node() -> anyhow::Resul
     );
 
     // `kubectl describe node` tells the story.
-    let reasons: Vec<String> = sandbox.kube.world(|w| {
-        w.events
-            .iter()
-            .filter(|e| e["involvedObject"]["name"] == node.as_str())
-            .filter_map(|e| e["reason"].as_str().map(str::to_owned))
-            .collect()
-    });
+    let reasons = sandbox.kube.event_reasons(&node);
     assert_eq!(
         reasons,
         vec!["SpotInterruption".to_owned(), "Drained".to_owned()]

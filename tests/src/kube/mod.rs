@@ -205,6 +205,18 @@ impl KubeApi {
             .collect()
     }
 
+    /// The reasons of the events about `node`, oldest first, as `kubectl describe node`
+    /// lists them.
+    pub fn event_reasons(&self, node: &str) -> Vec<String> {
+        self.world(|w| {
+            w.events
+                .iter()
+                .filter(|e| e["involvedObject"]["name"] == node)
+                .filter_map(|e| e["reason"].as_str().map(str::to_owned))
+                .collect()
+        })
+    }
+
     pub fn requests(&self) -> Vec<RequestRecord> {
         lock(&self.seen).requests.clone()
     }
