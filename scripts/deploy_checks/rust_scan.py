@@ -198,18 +198,23 @@ def mask(text: str, keep_strings: bool = False) -> str:
     return "".join(out)
 
 
+def past_closing_brace(text: str, start: int) -> int:
+    """The index just past the `}` closing the block whose `{` ends right before `start`."""
+    depth, j = 1, start
+    while j < len(text) and depth:
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+        j += 1
+    return j
+
+
 def test_modules(masked: str) -> list[tuple[int, int]]:
     """Where `#[cfg(test)] mod x { ... }` are (read in the masked text)."""
     ranges = []
     for m in re.finditer(r"#\[cfg\(test\)\]\s*(pub\s+)?mod\s+\w+\s*\{", masked):
-        depth, j = 1, m.end()
-        while j < len(masked) and depth:
-            if masked[j] == "{":
-                depth += 1
-            elif masked[j] == "}":
-                depth -= 1
-            j += 1
-        ranges.append((m.start(), j))
+        ranges.append((m.start(), past_closing_brace(masked, m.end())))
     return ranges
 
 
@@ -350,13 +355,7 @@ def scan(src: Path) -> Scan:
         for m in re.finditer(r"(?<![\w:])(?:\w+\s*::\s*)*SignedCall\s*\{", structure):
             if re.search(r"\b(?:struct|enum|impl|for)\s+$", structure[max(0, m.start() - 20) : m.start()]):
                 continue
-            depth, j = 1, m.end()
-            while j < len(structure) and depth:
-                if structure[j] == "{":
-                    depth += 1
-                elif structure[j] == "}":
-                    depth -= 1
-                j += 1
+            j = past_closing_brace(structure, m.end())
             body = code[m.end() : j - 1]
             field_at = _top_level_field(structure[m.end() : j - 1], "action")
             line = code.count("\n", 0, m.start()) + 1

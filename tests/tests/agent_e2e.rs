@@ -640,12 +640,7 @@ async fn dry_run_writes_nothing() -> anyhow::Result<()> {
             >= 2
     })
     .await;
-    let writes: Vec<_> = world
-        .kube
-        .requests()
-        .into_iter()
-        .filter(|r| r.method != "GET")
-        .collect();
+    let writes = world.kube.writes();
     assert!(writes.is_empty(), "a dry run writes nothing: {writes:?}");
     assert_eq!(world.node(), before);
     assert_eq!(world.app_pods_left(), 4);

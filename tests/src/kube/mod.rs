@@ -205,6 +205,14 @@ impl KubeApi {
             .collect()
     }
 
+    /// Every request that was not a read (GET): what a dry run must never send.
+    pub fn writes(&self) -> Vec<RequestRecord> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.method != "GET")
+            .collect()
+    }
+
     /// The reasons of the events about `node`, oldest first, as `kubectl describe node`
     /// lists them.
     pub fn event_reasons(&self, node: &str) -> Vec<String> {
