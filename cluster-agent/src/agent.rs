@@ -353,23 +353,12 @@ impl Agent {
                 return Ok(());
             }
         }
-        let unschedulable = node
-            .spec
-            .as_ref()
-            .and_then(|s| s.unschedulable)
-            .unwrap_or(false);
-        let marked_by_nth = node
-            .metadata
-            .annotations
-            .as_ref()
-            .is_some_and(|a| a.contains_key(&self.policy.kind_annotation()));
         let record = RebootRecord {
             event_id: interruption.id.clone(),
             boot_id: reboot::boot_id(node).unwrap_or_default().to_owned(),
-            keep_cordon: unschedulable && !marked_by_nth,
         };
         self.records.write(&self.node_name, &record).await?;
-        info!(boot_id = %record.boot_id, keep_cordon = record.keep_cordon, "maintenance recorded on the node");
+        info!(boot_id = %record.boot_id, "maintenance recorded on the node");
         *self.lock_pending() = Some(record);
         Ok(())
     }
@@ -449,20 +438,18 @@ impl Agent {
             .and_then(|a| a.get(&self.policy.event_annotation()))
             .is_some_and(|id| *id == record.event_id);
         let outcome = if marked_for_this {
-            self.marker
-                .restore_kind(node, kind, !record.keep_cordon)
-                .await?
+            self.marker.restore(node, kind, true).await?
         } else {
             RestoreOutcome::NotOurs
         };
-        if outcome == RestoreOutcome::Restored {
+        if let RestoreOutcome::Restored { uncordoned } = outcome {
             let message = format!(
                 "Maintenance event {} is over ({reason}): nth's taint removed{}",
                 record.event_id,
-                if record.keep_cordon {
-                    "; the cordon set by someone else stays"
-                } else {
+                if uncordoned {
                     " and node uncordoned"
+                } else {
+                    "; the cordon set by someone else stays"
                 }
             );
             self.events
@@ -472,7 +459,8 @@ impl Agent {
         self.records.clear(&self.node_name).await?;
         *self.lock_pending() = None;
         let outcome = match outcome {
-            RestoreOutcome::Restored => "uncordoned",
+            RestoreOutcome::Restored { uncordoned: true } => "uncordoned",
+            RestoreOutcome::Restored { uncordoned: false } => "restored-cordon-kept",
             RestoreOutcome::NotOurs => "not-ours",
             RestoreOutcome::DryRun => "dry-run",
         };

@@ -1,6 +1,7 @@
 //! What the agent must undo after scheduled maintenance, kept on the node itself so that it
-//! survives the reboot that restarts the agent: the event, the boot the node was in when it
-//! was drained, and whether someone else's cordon was already there.
+//! survives the reboot that restarts the agent: the event and the boot the node was in when
+//! it was drained. Whether the cordon is nth's to lift is recorded by the node marks
+//! themselves (`nth_core::node`).
 
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Patch, PatchParams};
@@ -28,9 +29,6 @@ pub struct RebootRecord {
     pub event_id: String,
     /// `status.nodeInfo.bootID` when the node was drained; another value means it rebooted.
     pub boot_id: String,
-    /// The node was cordoned by someone else before nth marked it: restoring leaves the
-    /// cordon in place.
-    pub keep_cordon: bool,
 }
 
 impl RebootRecord {
@@ -141,7 +139,6 @@ mod tests {
         let record = RebootRecord {
             event_id: "e".into(),
             boot_id: "boot-1".into(),
-            keep_cordon: false,
         };
         assert!(!record.rebooted(&node("boot-1")));
         assert!(record.rebooted(&node("boot-2")));

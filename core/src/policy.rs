@@ -238,6 +238,12 @@ impl Policy {
         format!("{}/drained-event-id", self.prefix)
     }
 
+    /// The annotation listing the marks others may set too (cordon, load-balancer label,
+    /// out-of-service taint) that nth set itself, so that a restore takes back only those.
+    pub fn owned_annotation(&self) -> String {
+        format!("{}/owned-marks", self.prefix)
+    }
+
     /// The annotation recording which interruption's drain goes on beyond the invocation
     /// that started it, so that a duplicate delivery does not start a second one.
     pub fn continuing_annotation(&self) -> String {

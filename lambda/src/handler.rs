@@ -10,8 +10,8 @@ use nth_core::drain::DrainDeadline;
 use nth_core::node::{node_is_ready, provider_id_matches};
 use nth_core::NodeError;
 use nth_core::{
-    Action, DrainReport, EventType, Interruption, MarkOutcome, Notice, Policy, RestoreOutcome,
-    Webhook,
+    Action, DrainReport, EventType, Interruption, InterruptionKind, MarkOutcome, Notice, Policy,
+    RestoreOutcome, Webhook,
 };
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -513,11 +513,20 @@ impl Handler {
             drain,
         } = action
         else {
-            let restored = cluster.marker.restore(&node).await?;
-            if restored == RestoreOutcome::Restored {
+            let restored = cluster
+                .marker
+                .restore(&node, InterruptionKind::InstanceStopping, true)
+                .await?;
+            if let RestoreOutcome::Restored { uncordoned } = restored {
                 let message = format!(
-                    "Instance {} is running again (event {}): uncordoned and untainted",
-                    interruption.instance_id, interruption.id
+                    "Instance {} is running again (event {}): {}",
+                    interruption.instance_id,
+                    interruption.id,
+                    if uncordoned {
+                        "uncordoned and untainted"
+                    } else {
+                        "untainted; the cordon set by someone else stays"
+                    }
                 );
                 cluster
                     .events
@@ -526,7 +535,10 @@ impl Handler {
             }
             return Ok(Prepared::from(Step::Done(
                 match restored {
-                    RestoreOutcome::Restored => "uncordoned",
+                    RestoreOutcome::Restored { uncordoned: true } => "uncordoned",
+                    RestoreOutcome::Restored { uncordoned: false } => {
+                        "untainted; the cordon was not nth's"
+                    }
                     RestoreOutcome::NotOurs => "not cordoned by nth for a stop; left alone",
                     RestoreOutcome::DryRun => "dry-run",
                 }

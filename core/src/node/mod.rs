@@ -1,4 +1,7 @@
-//! Finding a node and marking it: cordon, taint and annotation in one PATCH.
+//! Finding a node and marking it: cordon, taint and annotation in one write, made from the
+//! node as read and with its resourceVersion ([`marks`] computes what to write).
+
+mod marks;
 
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{ListParams, Patch, PatchParams};
@@ -9,6 +12,8 @@ use tracing::{info, instrument};
 use crate::events::{Interruption, InterruptionKind};
 use crate::policy::Policy;
 use crate::retry;
+use marks::{annotation, MarkRequest, Marks};
+pub use marks::{EXCLUDE_LB_LABEL, OUT_OF_SERVICE_TAINT};
 
 /// Page size when a node must be found by listing: large enough that a 5,000-node cluster is
 /// a handful of requests, small enough that one page stays well inside a 128 MB Lambda.
@@ -17,12 +22,10 @@ const NODE_LIST_PAGE: u32 = 500;
 /// The field manager nth's writes are recorded under, as `kubectl` records `kubectl-cordon`.
 pub const FIELD_MANAGER: &str = "nth";
 
-/// The well-known label that takes a node out of external load balancers' target groups.
-pub const EXCLUDE_LB_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
-
-/// The well-known taint for a node that is shut down: pods are force-deleted and their
-/// volumes detached without waiting for the (gone) kubelet.
-pub const OUT_OF_SERVICE_TAINT: &str = "node.kubernetes.io/out-of-service";
+/// Writes made with a resourceVersion that lost to another writer (409) before giving up.
+/// Each retry reads the node again first, so a retry loses only to a write made within one
+/// round trip; five in a row means something rewrites the node continuously.
+const CONFLICT_ATTEMPTS: u32 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -44,6 +47,10 @@ pub enum NodeError {
         #[source]
         source: kube::Error,
     },
+    #[error("node {node} was deleted while nth was writing to it")]
+    Gone { node: String },
+    #[error("node {node} kept changing under nth's write: {attempts} conflicts (409) in a row")]
+    Conflict { node: String, attempts: u32 },
 }
 
 /// What marking a node did.
@@ -60,8 +67,11 @@ pub enum MarkOutcome {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RestoreOutcome {
-    Restored,
-    /// nth did not cordon this node for a stop: someone else's cordon is left alone.
+    /// nth's marks are gone; `uncordoned` false when the cordon was not nth's to lift.
+    Restored {
+        uncordoned: bool,
+    },
+    /// nth did not mark this node for this kind of event: it is left alone.
     NotOurs,
     DryRun,
 }
@@ -140,8 +150,8 @@ impl NodeMarker {
         }
     }
 
-    /// Cordons, taints and annotates the node in one strategic-merge PATCH. Taints merge by
-    /// key on the server, so taints others set are kept without a read-modify-write race.
+    /// Cordons, taints and annotates the node in one PATCH computed from the node as read
+    /// (its taints kept, ours added) and made with its resourceVersion.
     #[instrument(skip_all, fields(event_id = %interruption.id, instance_id = %interruption.instance_id, node = node.metadata.name.as_deref().unwrap_or_default()))]
     pub async fn mark(
         &self,
@@ -151,30 +161,76 @@ impl NodeMarker {
         cordon: bool,
         draining: bool,
     ) -> Result<MarkOutcome, NodeError> {
-        let name = node.metadata.name.clone().unwrap_or_default();
-        if self.already_marked(node, interruption, taint, cordon) {
-            info!(node = %name, "node already carries this interruption's marks; nothing to patch");
+        let request = MarkRequest {
+            interruption,
+            taint,
+            cordon,
+            draining,
+        };
+        let marks = Marks::new(&self.policy);
+        if marks.already_marked(node, &request) {
+            info!("node already carries this interruption's marks; nothing to patch");
             return Ok(MarkOutcome::AlreadyMarked);
         }
-        let patch = self.mark_patch(interruption, taint, cordon, draining);
-        if !self.patch(&name, patch).await? {
-            return Ok(MarkOutcome::DryRun);
-        }
-        info!(node = %name, cordon, taint = taint.unwrap_or("none"), "node marked");
-        Ok(MarkOutcome::Marked)
+        let written = self
+            .update(node.clone(), |current| {
+                (!marks.already_marked(current, &request)).then(|| marks.mark(current, &request))
+            })
+            .await?;
+        Ok(match written {
+            Written::Applied => {
+                info!(cordon, taint = taint.unwrap_or("none"), "node marked");
+                MarkOutcome::Marked
+            }
+            Written::NothingToDo => MarkOutcome::AlreadyMarked,
+            Written::DryRun => MarkOutcome::DryRun,
+        })
     }
 
-    /// Applies a strategic-merge patch, or logs it in a dry run. `Ok(true)` when applied.
-    async fn patch(&self, name: &str, patch: serde_json::Value) -> Result<bool, NodeError> {
+    /// Writes the change `compute` makes from the node as last read, with its resourceVersion;
+    /// when someone else wrote in between (409), reads the node again and recomputes. `compute`
+    /// returns `None` when the node needs no change.
+    async fn update<F>(&self, mut node: Node, compute: F) -> Result<Written, NodeError>
+    where
+        F: Fn(&Node) -> Option<serde_json::Value>,
+    {
+        let name = node.metadata.name.clone().unwrap_or_default();
+        for attempt in 1..=CONFLICT_ATTEMPTS {
+            let Some(patch) = compute(&node) else {
+                return Ok(Written::NothingToDo);
+            };
+            match self.patch(&name, patch).await {
+                Err(NodeError::Patch {
+                    source: kube::Error::Api(status),
+                    ..
+                }) if status.code == 409 && attempt < CONFLICT_ATTEMPTS => {
+                    info!(node = %name, attempt, "node changed since it was read; reading it again");
+                    node = self
+                        .get(&name)
+                        .await?
+                        .ok_or_else(|| NodeError::Gone { node: name.clone() })?;
+                }
+                outcome => return outcome,
+            }
+        }
+        Err(NodeError::Conflict {
+            node: name,
+            attempts: CONFLICT_ATTEMPTS,
+        })
+    }
+
+    /// Applies a strategic-merge patch, or logs it in a dry run.
+    async fn patch(&self, name: &str, patch: serde_json::Value) -> Result<Written, NodeError> {
         if self.policy.dry_run {
             info!(node = %name, patch = %patch, "dry run: would patch node");
-            return Ok(false);
+            return Ok(Written::DryRun);
         }
         let params = PatchParams {
             field_manager: Some(FIELD_MANAGER.to_owned()),
             ..PatchParams::default()
         };
-        // A strategic-merge patch sets absolute values: applying it twice is applying it once.
+        // A patch sets absolute values: applying it twice is applying it once; and one that
+        // carries a resourceVersion is refused (409), not applied, if the node changed.
         let patch = Patch::Strategic(&patch);
         retry::idempotent("patch node", || self.nodes.patch(name, &params, &patch))
             .await
@@ -182,7 +238,7 @@ impl NodeMarker {
                 node: name.to_owned(),
                 source,
             })?;
-        Ok(true)
+        Ok(Written::Applied)
     }
 
     /// Reads a node by name; `None` when it does not exist.
@@ -206,6 +262,7 @@ impl NodeMarker {
     }
 
     /// Records on the node that this interruption's drain goes on in another invocation.
+    /// Annotations merge by key, so an annotation of ours alone needs no read first.
     pub async fn record_continuing(
         &self,
         node: &str,
@@ -222,161 +279,84 @@ impl NodeMarker {
         self.patch(node, patch).await.map(drop)
     }
 
-    /// Records on the node that this interruption's drain completed.
+    /// Records on the node that this interruption's drain completed; with the out-of-service
+    /// taint configured, it goes on beside the node's other taints (a read, then a write).
     pub async fn record_drained(
         &self,
         node: &str,
         interruption: &Interruption,
     ) -> Result<(), NodeError> {
         // A drain continued across invocations ends here too.
-        let mut patch = json!({"metadata": {"annotations": {
+        let patch = json!({"metadata": {"annotations": {
             self.policy.drained_annotation(): interruption.id,
             self.policy.continuing_annotation(): null,
         }}});
+        self.patch(node, patch).await?;
         // A rebalance recommendation's instance keeps running: it is not out of service.
         if self.policy.out_of_service_taint
             && interruption.kind != InterruptionKind::RebalanceRecommendation
+            && !self.policy.dry_run
         {
-            patch["spec"] = json!({"taints": [{"key": OUT_OF_SERVICE_TAINT, "value": "nodeshutdown", "effect": "NoExecute"}]});
+            let current = self.get(node).await?.ok_or_else(|| NodeError::Gone {
+                node: node.to_owned(),
+            })?;
+            let marks = Marks::new(&self.policy);
+            self.update(current, |n| marks.out_of_service(n)).await?;
         }
-        self.patch(node, patch).await.map(drop)
+        Ok(())
     }
 
-    /// Uncordons and untaints a node that nth cordoned because its instance stopped. A node
-    /// cordoned by anyone else, or by nth for another reason, is left as it is.
-    pub async fn restore(&self, node: &Node) -> Result<RestoreOutcome, NodeError> {
-        self.restore_kind(node, InterruptionKind::InstanceStopping, true)
-            .await
-    }
-
-    /// Takes back what nth did to a node for an interruption of `kind` whose instance stays
-    /// (a stop that ended, a maintenance reboot that happened or was cancelled): the kind's
-    /// taint and nth's annotations go, and the cordon too when `uncordon`. `uncordon` is false
-    /// when someone else had cordoned the node before nth marked it: their cordon stays. A
-    /// node nth marked for another kind (or not at all) is left as it is.
+    /// Takes back what nth did to a node whose instance stays (a stop that ended, a
+    /// maintenance reboot that happened or was cancelled), if nth marked it for `kind`: every
+    /// taint and annotation of nth's goes, whatever kind of event put it there, and the
+    /// cordon, the load-balancer label and the out-of-service taint only where nth set them.
+    /// `allow_uncordon` false keeps the cordon in any case. A node nth marked for another
+    /// kind (or not at all) is left as it is.
     #[instrument(skip_all, fields(node = node.metadata.name.as_deref().unwrap_or_default(), kind = %kind))]
-    pub async fn restore_kind(
+    pub async fn restore(
         &self,
         node: &Node,
         kind: InterruptionKind,
-        uncordon: bool,
+        allow_uncordon: bool,
     ) -> Result<RestoreOutcome, NodeError> {
-        let name = node.metadata.name.clone().unwrap_or_default();
         if annotation(node, &self.policy.kind_annotation()) != Some(kind.as_str()) {
-            info!(node = %name, "node was not marked by nth for this kind; leaving it alone");
+            info!("node was not marked by nth for this kind; leaving it alone");
             return Ok(RestoreOutcome::NotOurs);
         }
-        let mut patch = json!({
-            "metadata": {"annotations": {
-                self.policy.event_annotation(): null,
-                self.policy.kind_annotation(): null,
-                self.policy.drained_annotation(): null,
-                self.policy.continuing_annotation(): null,
-            }},
-            "spec": {
-                "taints": [{"key": self.policy.taint_key(kind), "$patch": "delete"}],
-            },
-        });
-        if uncordon {
-            patch["spec"]["unschedulable"] = serde_json::Value::Null;
-        }
-        if self.policy.exclude_from_load_balancers {
-            patch["metadata"]["labels"] = json!({ EXCLUDE_LB_LABEL: null });
-        }
-        if self.policy.out_of_service_taint {
-            if let Some(taints) = patch["spec"]["taints"].as_array_mut() {
-                taints.push(json!({"key": OUT_OF_SERVICE_TAINT, "$patch": "delete"}));
+        let marks = Marks::new(&self.policy);
+        let uncordons = std::cell::Cell::new(false);
+        let written = self
+            .update(node.clone(), |current| {
+                marks.any(current).then(|| {
+                    let restore = marks.restore(current, allow_uncordon);
+                    uncordons.set(restore.uncordons);
+                    restore.patch
+                })
+            })
+            .await?;
+        let uncordons = uncordons.get();
+        Ok(match written {
+            Written::Applied => {
+                info!(uncordoned = uncordons, "node restored: nth's marks removed");
+                RestoreOutcome::Restored {
+                    uncordoned: uncordons,
+                }
             }
-        }
-        if !self.patch(&name, patch).await? {
-            return Ok(RestoreOutcome::DryRun);
-        }
-        info!(node = %name, uncordon, "node restored: nth's taint and annotations removed");
-        Ok(RestoreOutcome::Restored)
-    }
-
-    fn mark_patch(
-        &self,
-        interruption: &Interruption,
-        taint: Option<&str>,
-        cordon: bool,
-        draining: bool,
-    ) -> serde_json::Value {
-        let mut spec = serde_json::Map::new();
-        if cordon {
-            spec.insert("unschedulable".into(), json!(true));
-        }
-        if let Some(key) = taint {
-            spec.insert(
-                "taints".into(),
-                json!([{
-                    "key": key,
-                    "value": taint_value(&interruption.id),
-                    "effect": self.policy.taint_effect.as_str(),
-                }]),
-            );
-        }
-        let mut patch = json!({
-            "metadata": { "annotations": {
-                self.policy.event_annotation(): interruption.id,
-                self.policy.kind_annotation(): interruption.kind.as_str(),
-            }},
-            "spec": spec,
-        });
-        if draining && self.policy.exclude_from_load_balancers {
-            patch["metadata"]["labels"] = json!({ EXCLUDE_LB_LABEL: "true" });
-        }
-        patch
-    }
-
-    fn already_marked(
-        &self,
-        node: &Node,
-        interruption: &Interruption,
-        taint: Option<&str>,
-        cordon: bool,
-    ) -> bool {
-        let annotated =
-            annotation(node, &self.policy.event_annotation()) == Some(interruption.id.as_str());
-        let spec = node.spec.as_ref();
-        let cordoned = !cordon || spec.and_then(|s| s.unschedulable).unwrap_or(false);
-        let tainted = taint.is_none_or(|key| {
-            spec.and_then(|s| s.taints.as_ref())
-                .is_some_and(|ts| ts.iter().any(|t| t.key == key))
-        });
-        annotated && cordoned && tainted
+            Written::NothingToDo => RestoreOutcome::NotOurs,
+            Written::DryRun => RestoreOutcome::DryRun,
+        })
     }
 }
 
-fn annotation<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
-    node.metadata
-        .annotations
-        .as_ref()?
-        .get(key)
-        .map(String::as_str)
+/// What one optimistic write did.
+enum Written {
+    Applied,
+    NothingToDo,
+    DryRun,
 }
 
 fn node_provider_id(node: &Node) -> Option<&str> {
     node.spec.as_ref()?.provider_id.as_deref()
-}
-
-/// Taint values must be valid label values (at most 63 characters of `[A-Za-z0-9_.-]`,
-/// alphanumeric at both ends); event ids usually are, and anything else is cut to fit.
-fn taint_value(id: &str) -> String {
-    let cleaned: String = id
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '-'
-            }
-        })
-        .take(63)
-        .collect();
-    cleaned
-        .trim_matches(|c: char| !c.is_ascii_alphanumeric())
-        .to_owned()
 }
 
 #[cfg(test)]
@@ -394,16 +374,5 @@ mod tests {
             "i-0b662ef9931388ba0"
         ));
         assert!(!provider_id_matches("", "i-1"));
-    }
-
-    #[test]
-    fn taint_values_are_valid_label_values() {
-        assert_eq!(
-            taint_value("1e5527d7-bb36-4607-3370-4164db56a40e"),
-            "1e5527d7-bb36-4607-3370-4164db56a40e"
-        );
-        assert_eq!(taint_value("a:b/c"), "a-b-c");
-        assert_eq!(taint_value(&"x".repeat(80)).len(), 63);
-        assert_eq!(taint_value("-x-"), "x");
     }
 }
