@@ -308,9 +308,9 @@ impl World {
     }
 
     /// An update through the API (PATCH or PUT): `change` turns the stored object into the
-    /// requested one; then the real server's rules apply in its order: the resourceVersion
-    /// precondition (409), identity (400/422), the part the endpoint may not change reset,
-    /// validation (422). A write that changes nothing keeps the resourceVersion and tells
+    /// requested one; then the real server's rules apply in its order: name and namespace
+    /// as in the URL (400), the resourceVersion precondition (409), the part the endpoint
+    /// may not change reset, validation (422). A write that changes nothing keeps the resourceVersion and tells
     /// no watcher, as on the real server.
     pub fn write(
         &mut self,
@@ -330,17 +330,6 @@ impl World {
             .ok_or_else(|| ApiError::not_found(resource, name))?;
         let mut new = old.clone();
         change(&mut new)?;
-        let old_rv = str_at(&old, "/metadata/resourceVersion").unwrap_or_default();
-        if let Some(want) = str_at(&new, "/metadata/resourceVersion").filter(|rv| !rv.is_empty()) {
-            if want.parse::<u64>().is_err() {
-                return Err(ApiError::internal(format!(
-                    "strconv.ParseUint: parsing {want:?}: invalid syntax"
-                )));
-            }
-            if want != old_rv {
-                return Err(ApiError::modified(resource, name));
-            }
-        }
         let new_name = str_at(&new, "/metadata/name").unwrap_or_default();
         if new_name != name {
             return Err(ApiError::bad_request(format!(
@@ -356,6 +345,17 @@ impl World {
                 }
                 Some(_) => {}
                 None => new["metadata"]["namespace"] = json!(key.0),
+            }
+        }
+        let old_rv = str_at(&old, "/metadata/resourceVersion").unwrap_or_default();
+        if let Some(want) = str_at(&new, "/metadata/resourceVersion").filter(|rv| !rv.is_empty()) {
+            if want.parse::<u64>().is_err() {
+                return Err(ApiError::internal(format!(
+                    "strconv.ParseUint: parsing {want:?}: invalid syntax"
+                )));
+            }
+            if want != old_rv {
+                return Err(ApiError::modified(resource, name));
             }
         }
         match str_at(&new, "/metadata/uid").filter(|u| !u.is_empty()) {
