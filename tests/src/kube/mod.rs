@@ -1,11 +1,14 @@
 //! A Kubernetes API server emulator: the real JSON of nodes, pods, evictions and
-//! PodDisruptionBudgets over HTTPS, with EKS token checking. Where the real server's
-//! behaviour is uncertain, the emulator is the stricter of the two.
+//! PodDisruptionBudgets over HTTPS, with EKS token checking. Its rules were checked against
+//! kube-apiserver v1.28.4; tests/EMULATOR_DIFFERENCES.md lists what was fixed to match and
+//! what differs on purpose. Where the real server's behaviour is uncertain, the emulator is
+//! the stricter of the two.
 
 pub mod auth;
 pub mod patch;
 pub mod state;
 pub mod status;
+pub mod validate;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -27,7 +30,7 @@ use serde_json::{json, Value};
 pub use auth::AuthConfig;
 pub use state::Timer;
 use state::WatchChange;
-pub use state::{Behaviour, Key, World};
+pub use state::{Behaviour, Key, Kind, Part, World};
 use status::ApiError;
 
 use crate::tls::{serve_https, TestPki};
@@ -242,12 +245,26 @@ fn router(state: AppState) -> Router {
     Router::new()
         .route("/version", get(version))
         .route("/api/v1/nodes", get(list_nodes))
-        .route("/api/v1/nodes/{name}", get(get_node).patch(patch_node))
+        .route(
+            "/api/v1/nodes/{name}",
+            get(get_node).patch(patch_node).put(put_node),
+        )
+        .route(
+            "/api/v1/nodes/{name}/status",
+            get(get_node).patch(patch_node_status).put(put_node_status),
+        )
         .route("/api/v1/pods", get(list_all_pods))
         .route("/api/v1/namespaces/{ns}/pods", get(list_ns_pods))
         .route(
             "/api/v1/namespaces/{ns}/pods/{name}",
-            get(get_pod).delete(delete_pod),
+            get(get_pod)
+                .patch(patch_pod)
+                .put(put_pod)
+                .delete(delete_pod),
+        )
+        .route(
+            "/api/v1/namespaces/{ns}/pods/{name}/status",
+            get(get_pod).patch(patch_pod_status).put(put_pod_status),
         )
         .route(
             "/api/v1/namespaces/{ns}/pods/{name}/eviction",
@@ -263,7 +280,8 @@ fn router(state: AppState) -> Router {
             "/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets",
             get(list_ns_pdbs),
         )
-        .fallback(|req: Request| async move { ApiError::not_found("path", req.uri().path()) })
+        .fallback(|| async { ApiError::unknown_path() })
+        .method_not_allowed_fallback(|| async { ApiError::new_method_not_allowed() })
         .layer(middleware::from_fn_with_state(
             state.clone(),
             authenticate_and_record,
@@ -432,29 +450,64 @@ fn label_selector_matches(selector: Option<&String>, obj: &Value) -> Result<bool
     Ok(true)
 }
 
-/// A page of a list, as the API server pages: `limit` items and an opaque `continue` token.
+/// Where a list's items sort, as the API server keys them in storage: `namespace/name`, or
+/// the name for cluster-scoped objects.
+fn storage_key(item: &Value) -> String {
+    let name = item
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    match item.pointer("/metadata/namespace").and_then(Value::as_str) {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name.to_owned(),
+    }
+}
+
+/// A page of a list, as the API server pages: items in storage-key order, `limit` of them,
+/// and an opaque `continue` token that names the last key served and the first page's
+/// resourceVersion (every page reports that one, as the real server's snapshot does; the
+/// emulator's later pages are live, so a watch from it may replay a change, never miss one).
+/// `remainingItemCount` is given only when no selector filtered the list, as on the real
+/// server.
 fn list_response(
     kind: &str,
     api_version: &str,
-    items: Vec<Value>,
+    mut items: Vec<Value>,
     resource_version: String,
     params: &HashMap<String, String>,
 ) -> Result<Json<Value>, ApiError> {
-    let start = match params.get("continue").filter(|c| !c.is_empty()) {
-        Some(token) => token
-            .parse::<usize>()
-            .map_err(|_| ApiError::bad_request("invalid continue token"))?,
-        None => 0,
+    use base64::Engine;
+    let codec = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let (resource_version, after) = match params.get("continue").filter(|c| !c.is_empty()) {
+        Some(token) => {
+            let invalid = |why: String| {
+                ApiError::bad_request(format!(
+                    "invalid continue token: continue key is not valid: {why}"
+                ))
+            };
+            let decoded = codec.decode(token).map_err(|e| invalid(e.to_string()))?;
+            let token: Value =
+                serde_json::from_slice(&decoded).map_err(|e| invalid(e.to_string()))?;
+            match (token["rv"].as_str(), token["start"].as_str()) {
+                (Some(rv), Some(start)) => (rv.to_owned(), Some(start.to_owned())),
+                _ => return Err(invalid("missing rv or start".into())),
+            }
+        }
+        None => (resource_version, None),
     };
     let limit = params
         .get("limit")
         .and_then(|l| l.parse::<usize>().ok())
         .filter(|l| *l > 0)
         .unwrap_or(usize::MAX);
+    items.sort_by_key(storage_key);
+    let items: Vec<Value> = items
+        .into_iter()
+        .filter(|i| after.as_ref().is_none_or(|a| storage_key(i) > *a))
+        .collect();
     let total = items.len();
     let page: Vec<Value> = items
         .into_iter()
-        .skip(start)
         .take(limit)
         .map(|mut item| {
             // The real server leaves kind and apiVersion off list items.
@@ -465,15 +518,32 @@ fn list_response(
             item
         })
         .collect();
-    let end = start.saturating_add(page.len());
     let mut metadata = json!({"resourceVersion": resource_version});
-    if end < total {
-        metadata["continue"] = json!(end.to_string());
-        metadata["remainingItemCount"] = json!(total - end);
+    if page.len() < total {
+        let last = page.last().map(storage_key).unwrap_or_default();
+        let token = json!({"rv": resource_version, "start": last});
+        metadata["continue"] = json!(codec.encode(token.to_string()));
+        let selected = ["labelSelector", "fieldSelector"]
+            .iter()
+            .any(|p| params.get(*p).is_some_and(|s| !s.is_empty()));
+        if !selected {
+            metadata["remainingItemCount"] = json!(total - page.len());
+        }
     }
     Ok(Json(
         json!({"kind": kind, "apiVersion": api_version, "metadata": metadata, "items": page}),
     ))
+}
+
+/// The emulator serves watches of pods only; a watch of anything else must not quietly get
+/// a list back.
+fn refuse_watch(q: &HashMap<String, String>, resource: &str) -> Result<(), ApiError> {
+    if matches!(q.get("watch").map(String::as_str), Some("true" | "1")) {
+        return Err(ApiError::bad_request(format!(
+            "the emulator does not serve watches of {resource}"
+        )));
+    }
+    Ok(())
 }
 
 // ---- nodes ----
@@ -482,6 +552,7 @@ async fn list_nodes(
     State(s): State<AppState>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
+    refuse_watch(&q, "nodes")?;
     let fields = parse_field_selector(
         q.get("fieldSelector"),
         &["metadata.name", "spec.unschedulable"],
@@ -518,56 +589,71 @@ async fn get_node(
         .ok_or_else(|| ApiError::not_found("nodes", &name))
 }
 
-fn validate_node(node: &Value) -> Result<(), ApiError> {
-    if let Some(u) = node.pointer("/spec/unschedulable") {
-        if !u.is_boolean() {
-            return Err(ApiError::bad_request(
-                "spec.unschedulable must be a boolean",
-            ));
-        }
-    }
-    if let Some(annotations) = node
-        .pointer("/metadata/annotations")
-        .and_then(Value::as_object)
-    {
-        if let Some((k, _)) = annotations.iter().find(|(_, v)| !v.is_string()) {
-            return Err(ApiError::bad_request(format!(
-                "annotation {k:?} must be a string"
-            )));
-        }
-    }
-    let mut seen = Vec::new();
-    for taint in node
-        .pointer("/spec/taints")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        let key = taint["key"]
-            .as_str()
-            .filter(|k| !k.is_empty())
-            .ok_or_else(|| ApiError::invalid("spec.taints[].key: Required value"))?;
-        let effect = taint["effect"].as_str().unwrap_or_default();
-        if !matches!(effect, "NoSchedule" | "PreferNoSchedule" | "NoExecute") {
-            return Err(ApiError::invalid(format!(
-                "spec.taints[].effect: Unsupported value: {effect:?}"
-            )));
-        }
-        if let Some(value) = taint["value"].as_str() {
-            if value.len() > 63 {
-                return Err(ApiError::invalid(
-                    "spec.taints[].value: must be no more than 63 characters",
+fn body_json(body: &Bytes) -> Result<Value, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        let why = if e.is_eof() {
+            "unexpected end of JSON input".to_owned()
+        } else {
+            e.to_string()
+        };
+        ApiError::bad_request(why)
+    })
+}
+
+/// Applies a PATCH body of the request's patch type to the stored object.
+fn apply_patch(object: &mut Value, headers: &HeaderMap, body: &Bytes) -> Result<(), ApiError> {
+    let content_type = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let patch = body_json(body)?;
+    match content_type.split(';').next().unwrap_or_default().trim() {
+        "application/strategic-merge-patch+json" => patch::strategic(object, &patch)?,
+        "application/merge-patch+json" => {
+            if !patch.is_object() {
+                return Err(ApiError::bad_request(
+                    "error decoding patch: json: cannot unmarshal non-object into Go value of type map[string]interface {}",
                 ));
             }
+            patch::merge(object, &patch);
         }
-        if seen.contains(&(key, effect)) {
-            return Err(ApiError::invalid(format!(
-                "spec.taints: Duplicate value: {key}:{effect}"
-            )));
-        }
-        seen.push((key, effect));
+        "application/json-patch+json" => patch::json_patch(object, &patch)?,
+        // Server-side apply (application/apply-patch+yaml) is not emulated; nth does not use it.
+        _ => return Err(ApiError::unsupported_media("415: Unsupported Media Type")),
     }
+    // A wrong type in the patched object fails decoding on the real server, as a 422 about
+    // the patch itself.
+    validate::types(object).map_err(|why| {
+        ApiError::invalid(format!(
+            " \"\" is invalid: patch: Invalid value: {:?}: {why}",
+            patch.to_string()
+        ))
+    })
+}
+
+/// Replaces the stored object with a PUT body (kind and apiVersion, when given, must be the
+/// object's own).
+fn apply_put(object: &mut Value, kind: &str, body: &Bytes) -> Result<(), ApiError> {
+    let new = body_json(body)?;
+    let (given_kind, given_version) = (new["kind"].as_str(), new["apiVersion"].as_str());
+    if given_kind.is_some_and(|k| k != kind) || given_version.is_some_and(|v| v != "v1") {
+        return Err(ApiError::bad_request(format!(
+            "{} in version {:?} cannot be handled as a {kind}",
+            given_kind.unwrap_or(kind),
+            given_version.unwrap_or("v1")
+        )));
+    }
+    validate::types(&new).map_err(|why| {
+        ApiError::bad_request(format!(
+            "{kind} in version \"v1\" cannot be handled as a {kind}: {why}"
+        ))
+    })?;
+    *object = new;
     Ok(())
+}
+
+fn node_key(name: String) -> Key {
+    (String::new(), name)
 }
 
 async fn patch_node(
@@ -576,52 +662,48 @@ async fn patch_node(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let content_type = headers
-        .get(axum::http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    let patch: Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("patch body is not JSON: {e}")))?;
-    let mut world = lock(&s.world);
-    let mut node = world
-        .nodes
-        .get(&name)
-        .cloned()
-        .ok_or_else(|| ApiError::not_found("nodes", &name))?;
-    if let Some(stale) = patch.pointer("/metadata/resourceVersion") {
-        if Some(stale) != node.pointer("/metadata/resourceVersion") {
-            return Err(ApiError::conflict(format!(
-                "Operation cannot be fulfilled on nodes \"{name}\": the object has been modified; please apply your changes to the latest version and try again"
-            )));
-        }
-    }
-    let before_meta = (
-        node["metadata"]["name"].clone(),
-        node["metadata"]["uid"].clone(),
-    );
-    match content_type.split(';').next().unwrap_or_default().trim() {
-        "application/strategic-merge-patch+json" => patch::strategic(&mut node, &patch)?,
-        "application/merge-patch+json" => patch::merge(&mut node, &patch),
-        other => {
-            return Err(ApiError::unsupported_media(format!(
-                "the emulator does not implement patch type {other:?}"
-            )))
-        }
-    }
-    if (
-        node["metadata"]["name"].clone(),
-        node["metadata"]["uid"].clone(),
-    ) != before_meta
-    {
-        return Err(ApiError::invalid(
-            "metadata.name and metadata.uid cannot be changed",
-        ));
-    }
-    validate_node(&node)?;
-    node["metadata"]["resourceVersion"] = json!(world.next_resource_version());
-    world.nodes.insert(name, node.clone());
-    Ok(Json(node))
+    lock(&s.world)
+        .write(Kind::Node, &node_key(name), Part::Main, |n| {
+            apply_patch(n, &headers, &body)
+        })
+        .map(Json)
+}
+
+async fn patch_node_status(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    lock(&s.world)
+        .write(Kind::Node, &node_key(name), Part::Status, |n| {
+            apply_patch(n, &headers, &body)
+        })
+        .map(Json)
+}
+
+async fn put_node(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    lock(&s.world)
+        .write(Kind::Node, &node_key(name), Part::Main, |n| {
+            apply_put(n, "Node", &body)
+        })
+        .map(Json)
+}
+
+async fn put_node_status(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    lock(&s.world)
+        .write(Kind::Node, &node_key(name), Part::Status, |n| {
+            apply_put(n, "Node", &body)
+        })
+        .map(Json)
 }
 
 // ---- pods ----
@@ -687,15 +769,33 @@ fn watch_pods(
         .get("timeoutSeconds")
         .and_then(|t| t.parse().ok())
         .map_or(DEFAULT_WATCH_TIMEOUT, Duration::from_secs);
+    let from = match q.get("resourceVersion").filter(|rv| !rv.is_empty()) {
+        Some(rv) => Some(rv.parse::<u64>().map_err(|_| {
+            ApiError::internal(format!(
+                "resourceVersion: Invalid value: {rv:?}: strconv.ParseUint: parsing {rv:?}: invalid syntax"
+            ))
+        })?),
+        None => None,
+    }
+    // "0" means any version, as no version does: the watch starts with what exists.
+    .filter(|rv| *rv > 0);
     let world = lock(&s.world);
-    let from = q
-        .get("resourceVersion")
-        .and_then(|rv| rv.parse::<u64>().ok())
-        .filter(|rv| *rv > 0);
     let (initial, receiver) = match from {
-        Some(rv) => world
-            .watch_from(rv)
-            .ok_or_else(|| ApiError::gone(format!("too old resource version: {rv}")))?,
+        Some(rv) => match world.watch_from(rv) {
+            Some(found) => found,
+            None => {
+                // The real server answers 200 and ends the stream with one ERROR event.
+                let oldest = world.oldest_watchable();
+                let status =
+                    ApiError::gone(format!("too old resource version: {rv} ({oldest})")).body();
+                let line = format!("{}\n", json!({"type": "ERROR", "object": status}));
+                return Ok((
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    line,
+                )
+                    .into_response());
+            }
+        },
         None => {
             let current: u64 = world.current_resource_version().parse().unwrap_or(0);
             let (_, receiver) = world
@@ -772,6 +872,54 @@ async fn get_pod(
         .cloned()
         .map(Json)
         .ok_or_else(|| ApiError::not_found("pods", &name))
+}
+
+async fn patch_pod(
+    State(s): State<AppState>,
+    Path(key): Path<Key>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    lock(&s.world)
+        .write(Kind::Pod, &key, Part::Main, |p| {
+            apply_patch(p, &headers, &body)
+        })
+        .map(Json)
+}
+
+async fn patch_pod_status(
+    State(s): State<AppState>,
+    Path(key): Path<Key>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    lock(&s.world)
+        .write(Kind::Pod, &key, Part::Status, |p| {
+            apply_patch(p, &headers, &body)
+        })
+        .map(Json)
+}
+
+async fn put_pod(
+    State(s): State<AppState>,
+    Path(key): Path<Key>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    lock(&s.world)
+        .write(Kind::Pod, &key, Part::Main, |p| apply_put(p, "Pod", &body))
+        .map(Json)
+}
+
+async fn put_pod_status(
+    State(s): State<AppState>,
+    Path(key): Path<Key>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    lock(&s.world)
+        .write(Kind::Pod, &key, Part::Status, |p| {
+            apply_put(p, "Pod", &body)
+        })
+        .map(Json)
 }
 
 /// DeleteOptions, strictly decoded: an unknown field is a 400, as with fieldValidation=Strict.
@@ -919,6 +1067,7 @@ fn list_pdbs(
     namespace: Option<&str>,
     q: &HashMap<String, String>,
 ) -> Result<Json<Value>, ApiError> {
+    refuse_watch(q, "poddisruptionbudgets")?;
     let world = lock(&s.world);
     let items = world
         .pdbs
@@ -964,6 +1113,7 @@ fn list_events(
     namespace: Option<&str>,
     q: &HashMap<String, String>,
 ) -> Result<Json<Value>, ApiError> {
+    refuse_watch(q, "events")?;
     let fields = parse_field_selector(q.get("fieldSelector"), EVENT_FIELDS)?;
     let world = lock(&s.world);
     let items = world
@@ -1041,7 +1191,7 @@ async fn create_event(
         .is_some_and(|n| n != ns)
     {
         return Err(ApiError::bad_request(
-            "the namespace of the object does not match the namespace on the request",
+            "the namespace of the provided object does not match the namespace sent on the request",
         ));
     }
     let mut world = lock(&s.world);
@@ -1057,6 +1207,25 @@ async fn create_event(
             format!("{prefix}{:x}", world.events.len() + 0x1000)
         }
     };
+    // The real server's rule for core/v1 Events: an event about a cluster-scoped object
+    // (a Node) lives in "default"; one about a namespaced object, in that object's namespace.
+    let involved_ns = event
+        .pointer("/involvedObject/namespace")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let fits = if involved_ns.is_empty() {
+        ns == "default"
+    } else {
+        ns == involved_ns
+    };
+    if !fits {
+        let error = status::FieldError {
+            field: "involvedObject.namespace".into(),
+            reason: "FieldValueInvalid",
+            message: format!("Invalid value: {involved_ns:?}: does not match event.namespace"),
+        };
+        return Err(ApiError::invalid_object("Event", &name, &[error]));
+    }
     event["metadata"]["name"] = json!(name);
     event["metadata"]["namespace"] = json!(ns);
     world.stamp(&mut event);

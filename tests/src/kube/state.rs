@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use chrono::{SecondsFormat, Utc};
 use serde_json::{json, Value};
 
-use super::status::ApiError;
+use super::status::{ApiError, FieldError};
+use super::validate;
 
 /// A namespaced object's key.
 pub type Key = (String, String);
@@ -91,6 +92,39 @@ pub enum Timer {
         uid: String,
         after: Duration,
     },
+}
+
+/// The kinds of object the emulator writes through the API (PATCH and PUT).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Node,
+    Pod,
+}
+
+impl Kind {
+    /// The resource name, as in URLs and in the real server's 404 and 409 messages.
+    pub fn resource(self) -> &'static str {
+        match self {
+            Kind::Node => "nodes",
+            Kind::Pod => "pods",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Node => "Node",
+            Kind::Pod => "Pod",
+        }
+    }
+}
+
+/// Which part of an object a write may change: the object itself (its status is kept as it
+/// was) or its `status` subresource (its spec is kept as it was), as the real registry's
+/// PrepareForUpdate does for nodes and pods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    Main,
+    Status,
 }
 
 #[derive(Debug)]
@@ -204,11 +238,7 @@ impl World {
         &self,
         resource_version: u64,
     ) -> Option<(Vec<Arc<WatchChange>>, ChangeReceiver)> {
-        let oldest = self
-            .history
-            .front()
-            .map_or(self.resource_version, |(rv, _)| rv.saturating_sub(1));
-        if resource_version < oldest {
+        if resource_version < self.oldest_watchable() {
             return None;
         }
         let past = self
@@ -218,6 +248,14 @@ impl World {
             .map(|(_, c)| c.clone())
             .collect();
         Some((past, self.changes.subscribe()))
+    }
+
+    /// The oldest resourceVersion a watch can still start from, as the real server's 410
+    /// names it.
+    pub fn oldest_watchable(&self) -> u64 {
+        self.history
+            .front()
+            .map_or(self.resource_version, |(rv, _)| rv.saturating_sub(1))
     }
 
     pub fn next_resource_version(&mut self) -> String {
@@ -267,6 +305,123 @@ impl World {
         let key = key_of(&pdb);
         self.pdbs.insert(key.clone(), pdb);
         self.observe_pdbs();
+    }
+
+    /// An update through the API (PATCH or PUT): `change` turns the stored object into the
+    /// requested one; then the real server's rules apply in its order: name and namespace
+    /// as in the URL (400), the resourceVersion precondition (409), the part the endpoint
+    /// may not change reset, validation (422). A write that changes nothing keeps the resourceVersion and tells
+    /// no watcher, as on the real server.
+    pub fn write(
+        &mut self,
+        kind: Kind,
+        key: &Key,
+        part: Part,
+        change: impl FnOnce(&mut Value) -> Result<(), ApiError>,
+    ) -> Result<Value, ApiError> {
+        let resource = kind.resource();
+        let name = key.1.as_str();
+        let stored = match kind {
+            Kind::Node => self.nodes.get(name),
+            Kind::Pod => self.pods.get(key),
+        };
+        let old = stored
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(resource, name))?;
+        let mut new = old.clone();
+        change(&mut new)?;
+        let new_name = str_at(&new, "/metadata/name").unwrap_or_default();
+        if new_name != name {
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({new_name}) does not match the name on the URL ({name})"
+            )));
+        }
+        if kind == Kind::Pod {
+            match str_at(&new, "/metadata/namespace") {
+                Some(ns) if ns != key.0 => {
+                    return Err(ApiError::bad_request(
+                        "the namespace of the provided object does not match the namespace sent on the request",
+                    ))
+                }
+                Some(_) => {}
+                None => new["metadata"]["namespace"] = json!(key.0),
+            }
+        }
+        let old_rv = str_at(&old, "/metadata/resourceVersion").unwrap_or_default();
+        if let Some(want) = str_at(&new, "/metadata/resourceVersion").filter(|rv| !rv.is_empty()) {
+            if want.parse::<u64>().is_err() {
+                return Err(ApiError::internal(format!(
+                    "strconv.ParseUint: parsing {want:?}: invalid syntax"
+                )));
+            }
+            if want != old_rv {
+                return Err(ApiError::modified(resource, name));
+            }
+        }
+        match str_at(&new, "/metadata/uid").filter(|u| !u.is_empty()) {
+            Some(uid) if Some(uid) != str_at(&old, "/metadata/uid") => {
+                let error = FieldError {
+                    field: "metadata.uid".into(),
+                    reason: "FieldValueInvalid",
+                    message: format!("Invalid value: {uid:?}: field is immutable"),
+                };
+                return Err(ApiError::invalid_object(kind.name(), name, &[error]));
+            }
+            Some(_) => {}
+            None => new["metadata"]["uid"] = old["metadata"]["uid"].clone(),
+        }
+        // Set by the server only: whatever the request said, the stored values stay.
+        for field in [
+            "creationTimestamp",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+        ] {
+            match old["metadata"].get(field) {
+                Some(v) => new["metadata"][field] = v.clone(),
+                None => {
+                    if let Some(meta) = new["metadata"].as_object_mut() {
+                        meta.remove(field);
+                    }
+                }
+            }
+        }
+        new["kind"] = old["kind"].clone();
+        new["apiVersion"] = old["apiVersion"].clone();
+        let kept = match part {
+            Part::Main => "status",
+            Part::Status => "spec",
+        };
+        match old.get(kept) {
+            Some(v) => new[kept] = v.clone(),
+            None => {
+                if let Some(obj) = new.as_object_mut() {
+                    obj.remove(kept);
+                }
+            }
+        }
+        match kind {
+            Kind::Node => {
+                validate::normalise_node(&mut new);
+                validate::node(&old, &new)?;
+            }
+            Kind::Pod => validate::pod(&old, &new)?,
+        }
+        new["metadata"]["resourceVersion"] = json!(old_rv);
+        if new == old {
+            return Ok(old);
+        }
+        new["metadata"]["resourceVersion"] = json!(self.next_resource_version());
+        match kind {
+            Kind::Node => {
+                self.nodes.insert(name.to_owned(), new.clone());
+            }
+            Kind::Pod => {
+                self.pods.insert(key.clone(), new.clone());
+                self.pod_changed("MODIFIED", new.clone());
+                self.observe_pdbs();
+            }
+        }
+        Ok(new)
     }
 
     /// Pods the PDB selects: same namespace, selector matches.
@@ -334,8 +489,11 @@ impl World {
         out
     }
 
-    /// Graceful deletion: the pod gets a deletionTimestamp and goes once its containers stop.
-    /// Returns the timers to start.
+    /// Deletion as the pod registry does it: a grace period (the request's, else the pod's
+    /// own) for a pod a kubelet runs, none for a pod that is unscheduled or finished. With a
+    /// grace period the pod turns terminating and goes once its containers stop; with none
+    /// it goes at once. Deleting a terminating pod again can only shorten its grace.
+    /// Returns the pod as the answer shows it, and the timers to start.
     pub fn delete_pod(
         &mut self,
         key: &Key,
@@ -350,19 +508,32 @@ impl World {
         let uid = str_at(&pod, "/metadata/uid").unwrap_or_default().to_owned();
         if let Some(want) = precondition_uid {
             if want != uid {
-                return Err(ApiError::conflict(format!(
-                    "Precondition failed: UID in precondition: {want}, UID in object meta: {uid}"
-                )));
+                return Err(ApiError::uid_precondition("Pod", &key.1, want, &uid));
             }
-        }
-        if is_terminating(&pod) {
-            return Ok((pod, Vec::new()));
         }
         let own = pod
             .pointer("/spec/terminationGracePeriodSeconds")
             .and_then(Value::as_i64)
             .unwrap_or(30);
-        let grace = grace_seconds.unwrap_or(own).max(0);
+        let mut grace = grace_seconds.unwrap_or(own);
+        let unscheduled = str_at(&pod, "/spec/nodeName").is_none_or(str::is_empty);
+        let finished = matches!(str_at(&pod, "/status/phase"), Some("Succeeded" | "Failed"));
+        if unscheduled || finished {
+            grace = 0;
+        }
+        if grace < 0 {
+            grace = 1;
+        }
+        let first = !is_terminating(&pod);
+        if !first {
+            let current = pod
+                .pointer("/metadata/deletionGracePeriodSeconds")
+                .and_then(Value::as_i64)
+                .unwrap_or(0);
+            if grace >= current {
+                return Ok((pod, Vec::new()));
+            }
+        }
         let rv = self.next_resource_version();
         let stop_delay = pod
             .pointer("/metadata/annotations/emulator.nth.dev~1stop-delay-ms")
@@ -372,7 +543,6 @@ impl World {
             .unwrap_or(self.behaviour.pod_stop_delay);
         let scaled_grace = Duration::from_secs(u64::try_from(grace).unwrap_or(0))
             .mul_f64(self.behaviour.time_scale);
-        let after = stop_delay.min(scaled_grace);
         let Some(pod) = self.pods.get_mut(key) else {
             return Err(ApiError::not_found("pods", &key.1));
         };
@@ -383,12 +553,20 @@ impl World {
         pod["metadata"]["resourceVersion"] = json!(rv);
         let deleted = pod.clone();
         self.pod_changed("MODIFIED", deleted.clone());
-        let mut timers = vec![Timer::RemovePod {
-            key: key.clone(),
-            uid,
-            after,
-        }];
-        timers.extend(self.replace_if_replicaset(&deleted));
+        let mut timers = Vec::new();
+        if first {
+            timers.extend(self.replace_if_replicaset(&deleted));
+        }
+        if grace == 0 {
+            // No kubelet to wait for: the registry removes the object in the same request.
+            self.remove_pod(key, &uid);
+        } else {
+            timers.push(Timer::RemovePod {
+                key: key.clone(),
+                uid,
+                after: stop_delay.min(scaled_grace),
+            });
+        }
         self.observe_pdbs();
         Ok((deleted, timers))
     }

@@ -5,6 +5,16 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
+/// One field's validation error, as a cause of a 422.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    /// `FieldValueRequired`, `FieldValueInvalid`, `FieldValueNotSupported` ...
+    pub reason: &'static str,
+    /// What the server says after the field: `Required value`, `Invalid value: "x": ...`.
+    pub message: String,
+}
+
 #[derive(Debug, Clone)]
 pub struct ApiError {
     pub code: u16,
@@ -29,8 +39,50 @@ impl ApiError {
         e
     }
 
-    pub fn conflict(message: String) -> Self {
-        Self::new(409, "Conflict", message)
+    /// The optimistic-concurrency refusal: the write named a resourceVersion that is not the
+    /// object's current one.
+    pub fn modified(resource: &str, name: &str) -> Self {
+        let mut e = Self::new(
+            409,
+            "Conflict",
+            format!("Operation cannot be fulfilled on {resource} \"{name}\": the object has been modified; please apply your changes to the latest version and try again"),
+        );
+        e.details = Some(json!({"name": name, "kind": resource}));
+        e
+    }
+
+    /// A delete (or eviction) whose `preconditions.uid` names another incarnation of the pod.
+    pub fn uid_precondition(kind: &str, name: &str, want: &str, have: &str) -> Self {
+        let mut e = Self::new(
+            409,
+            "Conflict",
+            format!("Operation cannot be fulfilled on {kind} \"{name}\": the UID in the precondition ({want}) does not match the UID in record ({have}). The object might have been deleted and then recreated"),
+        );
+        e.details = Some(json!({"name": name, "kind": kind}));
+        e
+    }
+
+    /// A path the server does not serve at all.
+    pub fn unknown_path() -> Self {
+        let mut e = Self::new(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        );
+        e.details = Some(json!({}));
+        e
+    }
+
+    /// A method the path does not take (creating nodes or pods is not served: tests seed the
+    /// world directly).
+    pub fn new_method_not_allowed() -> Self {
+        let mut e = Self::new(
+            405,
+            "MethodNotAllowed",
+            "the server does not allow this method on the requested resource",
+        );
+        e.details = Some(json!({}));
+        e
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -38,7 +90,33 @@ impl ApiError {
     }
 
     pub fn invalid(message: impl Into<String>) -> Self {
-        Self::new(422, "Invalid", message)
+        let mut e = Self::new(422, "Invalid", message);
+        e.details = Some(json!({}));
+        e
+    }
+
+    /// A 422 for an object that fails validation, worded as the real server words it:
+    /// `Node "n1" is invalid: <error>` for one error, `[<e1>, <e2>]` for several.
+    pub fn invalid_object(kind: &str, name: &str, errors: &[FieldError]) -> Self {
+        let rendered: Vec<String> = errors
+            .iter()
+            .map(|e| format!("{}: {}", e.field, e.message))
+            .collect();
+        let summary = match rendered.as_slice() {
+            [one] => one.clone(),
+            many => format!("[{}]", many.join(", ")),
+        };
+        let mut e = Self::new(
+            422,
+            "Invalid",
+            format!("{kind} \"{name}\" is invalid: {summary}"),
+        );
+        let causes: Vec<Value> = errors
+            .iter()
+            .map(|e| json!({"reason": e.reason, "message": e.message, "field": e.field}))
+            .collect();
+        e.details = Some(json!({"name": name, "kind": kind, "causes": causes}));
+        e
     }
 
     pub fn unsupported_media(message: impl Into<String>) -> Self {
