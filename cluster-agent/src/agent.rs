@@ -287,9 +287,11 @@ impl Agent {
         else {
             return Ok("ignored");
         };
-        let node = self.own_node().await?;
+        let mut node = self.own_node().await?;
         if interruption.kind == InterruptionKind::ScheduledMaintenance {
-            self.remember_maintenance(&node, interruption).await?;
+            if let Some(recorded) = self.remember_maintenance(&node, interruption).await? {
+                node = recorded;
+            }
         }
         let marked = self
             .marker
@@ -342,25 +344,26 @@ impl Agent {
 
     /// Writes the maintenance record before the node is marked, so that a crash between the
     /// two leaves a record of a restore owed, never a cordon nobody will take back.
+    /// Returns the node as written, when it was.
     async fn remember_maintenance(
         &self,
         node: &Node,
         interruption: &Interruption,
-    ) -> Result<(), AgentError> {
+    ) -> Result<Option<Node>, AgentError> {
         if let Some(existing) = self.records.read(node) {
             if existing.event_id == interruption.id {
                 *self.lock_pending() = Some(existing);
-                return Ok(());
+                return Ok(None);
             }
         }
         let record = RebootRecord {
             event_id: interruption.id.clone(),
             boot_id: reboot::boot_id(node).unwrap_or_default().to_owned(),
         };
-        self.records.write(&self.node_name, &record).await?;
+        let written = self.records.write(&self.node_name, &record).await?;
         info!(boot_id = %record.boot_id, "maintenance recorded on the node");
         *self.lock_pending() = Some(record);
-        Ok(())
+        Ok(written)
     }
 
     /// A maintenance event was cancelled or completed: if it is the one the node was drained

@@ -81,7 +81,13 @@ impl RebootRecords {
             .ok()
     }
 
-    pub async fn write(&self, node: &str, record: &RebootRecord) -> Result<(), RecordError> {
+    /// Writes the record; the node as the server answered, so that the marks written next
+    /// carry its new resourceVersion (`None` in a dry run).
+    pub async fn write(
+        &self,
+        node: &str,
+        record: &RebootRecord,
+    ) -> Result<Option<Node>, RecordError> {
         let value = serde_json::to_string(record).unwrap_or_default();
         self.patch(
             node,
@@ -96,12 +102,17 @@ impl RebootRecords {
             json!({"metadata": {"annotations": {&self.key: null}}}),
         )
         .await
+        .map(drop)
     }
 
-    async fn patch(&self, node: &str, patch: serde_json::Value) -> Result<(), RecordError> {
+    async fn patch(
+        &self,
+        node: &str,
+        patch: serde_json::Value,
+    ) -> Result<Option<Node>, RecordError> {
         if self.dry_run {
             info!(node, patch = %patch, "dry run: would patch node");
-            return Ok(());
+            return Ok(None);
         }
         let params = PatchParams {
             field_manager: Some(FIELD_MANAGER.to_owned()),
@@ -110,7 +121,7 @@ impl RebootRecords {
         self.nodes
             .patch(node, &params, &Patch::Strategic(&patch))
             .await
-            .map(drop)
+            .map(Some)
             .map_err(|source| RecordError::Patch {
                 node: node.to_owned(),
                 source,
