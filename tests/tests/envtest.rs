@@ -4,9 +4,10 @@
 //! skips when `KUBEBUILDER_ASSETS` is unset.
 
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
+use aws_credential_types::Credentials;
 use k8s_openapi::api::core::v1::{Event, Node, Pod};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, DeleteParams, EvictParams, ListParams, PostParams};
@@ -15,6 +16,7 @@ use nth_tests::fixtures;
 use nth_tests::kube::state::is_ready;
 use nth_tests::kube::Behaviour;
 use nth_tests::sandbox::CLUSTER;
+use nth_tests::{TEST_ACCESS_KEY, TEST_REGION, TEST_SECRET_KEY, TEST_SESSION_TOKEN};
 use serde_json::json;
 
 fn plane() -> Option<&'static ControlPlane> {
@@ -70,12 +72,26 @@ async fn eks_tokens_go_through_the_webhook_and_rbac_decides() -> anyhow::Result<
         .add_node(fixtures::node(node, "i-0aaaaaaaaaaaaaaa1", "us-east-1a"))
         .await?;
 
-    let nth = plane.eks_client(CLUSTER)?;
+    // Dated a minute back so that no other test has the same token: the API server keeps
+    // an accepted token for 10 s without asking the webhook again.
+    let token = nth_lambda::token::presign_token(
+        CLUSTER,
+        TEST_REGION,
+        Credentials::new(
+            TEST_ACCESS_KEY,
+            TEST_SECRET_KEY,
+            Some(TEST_SESSION_TOKEN.to_owned()),
+            None,
+            "nth-tests",
+        ),
+        SystemTime::now() - Duration::from_secs(60),
+    )?;
+    let nth = plane.client_with_token(&token)?;
     let nodes = Api::<Node>::all(nth.clone())
         .list(&ListParams::default())
         .await?;
     assert_eq!(nodes.items.len(), 1, "the wipe left nodes behind");
-    assert_eq!(cluster.tokens_seen().len(), 1);
+    assert_eq!(cluster.tokens_seen(), [token]);
     assert!(cluster.auth_failures().is_empty());
 
     let garbled = plane.client_with_token("k8s-aws-v1.bm90LWEtdXJs")?;
@@ -225,5 +241,50 @@ async fn the_disruption_controller_paces_evictions_and_the_stand_in_replaces_pod
     )
     .await?;
     assert_eq!(cluster.pdb_min_healthy("shop", "web"), Some(1));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_pod_evicted_without_grace_goes_at_once_and_its_replacement_waits_for_a_node(
+) -> anyhow::Result<()> {
+    let Some(plane) = plane() else {
+        return Ok(());
+    };
+    let cluster = plane.lease().await?.cluster(Behaviour::default()).await?;
+    let node = "ip-10-0-3-1.ec2.internal";
+    cluster
+        .add_node(fixtures::node(node, "i-0ccccccccccccccc1", "us-east-1c"))
+        .await?;
+    cluster
+        .add_pod(fixtures::replicaset_pod("jobs", "api-5c4b", 0, node, "api"))
+        .await?;
+
+    // Built by hand, as nth's drain does: kube's `evict` sends its delete options as
+    // `delete_options`, which the real server ignores (the pod then gets its own 30 s).
+    let eviction = json!({
+        "apiVersion": "policy/v1", "kind": "Eviction",
+        "metadata": {"name": "api-5c4b-00000", "namespace": "jobs"},
+        "deleteOptions": {"gracePeriodSeconds": 0},
+    });
+    let request = http::Request::post("/api/v1/namespaces/jobs/pods/api-5c4b-00000/eviction")
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(serde_json::to_vec(&eviction)?)?;
+    plane.eks_client(CLUSTER)?.request_text(request).await?;
+    let left = cluster.pods_on(node).await?;
+    assert!(left.is_empty(), "{left:#?}");
+
+    let jobs = &Api::<Pod>::namespaced(plane.admin_client(), "jobs");
+    eventually(
+        "the ReplicaSet stand-in replaces the pod",
+        move || async move {
+            let replacement = jobs.get_opt("api-5c4b-r00001").await?;
+            Ok(replacement.is_some_and(|p| p.status.is_some_and(|s| s.conditions.is_some())))
+        },
+    )
+    .await?;
+    let replacement = serde_json::to_value(jobs.get("api-5c4b-r00001").await?)?;
+    assert_eq!(replacement["status"]["phase"], "Pending");
+    assert!(replacement["spec"]["nodeName"].is_null());
+    assert!(!is_ready(&replacement));
     Ok(())
 }

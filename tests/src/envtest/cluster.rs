@@ -360,7 +360,10 @@ impl RealCluster {
             .min_healthy(&(namespace.to_owned(), name.to_owned()))
     }
 
-    /// The distinct EKS tokens the webhook accepted during this lease.
+    /// The distinct EKS tokens the webhook accepted during this lease. The API server keeps
+    /// an accepted token for 10 s (`TokenSuccessCacheTTL`, no flag changes it) and does not
+    /// ask again meanwhile: a token another lease used just before is missing here.
+    /// Refusals are never cached.
     pub fn tokens_seen(&self) -> Vec<String> {
         self.lease.plane.authn.seen().tokens.clone()
     }
