@@ -134,10 +134,10 @@ impl Server {
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
         let tail = lines[lines.len().saturating_sub(25)..].join("\n");
+        // The folder goes with the failed plane's watchdogs, so the lines travel in the error.
         anyhow::anyhow!(
-            "{} {waited} and {state}; the last lines of {}:\n{tail}",
-            self.name,
-            self.log.display()
+            "{} {waited} and {state}; the last lines of its log:\n{tail}",
+            self.name
         )
     }
 
