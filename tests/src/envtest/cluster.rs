@@ -1,0 +1,375 @@
+//! A test's turn on the shared control plane: the wipe that gives it a clean cluster, and the
+//! seeding and reading the emulator's tests do, against the real server.
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::core::v1::{Event, Namespace, Node, Pod, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::NamespaceResourceScope;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::Resource;
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+use tokio::sync::OwnedMutexGuard;
+
+use super::kubelet::{self, Observer};
+use super::ControlPlane;
+use crate::kube::state::{key_of, Behaviour, Key};
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A test's exclusive turn on the control plane, which it found wiped.
+#[derive(Debug)]
+pub struct Lease {
+    plane: &'static ControlPlane,
+    _turn: OwnedMutexGuard<()>,
+    wipe_took: Duration,
+}
+
+impl Lease {
+    pub(super) async fn take(plane: &'static ControlPlane) -> anyhow::Result<Self> {
+        let turn = std::sync::Arc::clone(&plane.turn).lock_owned().await;
+        // The last lease's stand-in must not write into this one's cluster.
+        let previous = lock(&plane.stand_in).take();
+        if let Some(previous) = previous {
+            previous.abort();
+            let _cancelled = previous.await;
+        }
+        {
+            let mut seen = plane.authn.seen();
+            seen.tokens.clear();
+            seen.failures.clear();
+        }
+        let began = Instant::now();
+        wipe(&plane.admin).await.context("wiping the cluster")?;
+        Ok(Self {
+            plane,
+            _turn: turn,
+            wipe_took: began.elapsed(),
+        })
+    }
+
+    /// How long the wipe took.
+    pub fn wipe_took(&self) -> Duration {
+        self.wipe_took
+    }
+
+    /// Starts the kubelet and ReplicaSet controller stand-in with `behaviour`, for as long
+    /// as the returned cluster lives.
+    pub async fn cluster(self, behaviour: Behaviour) -> anyhow::Result<RealCluster> {
+        let observer = Observer::new();
+        let stand_in = self.plane.runtime.spawn(kubelet::run(
+            self.plane.admin.clone(),
+            behaviour,
+            observer.clone(),
+        ));
+        let abort = stand_in.abort_handle();
+        *lock(&self.plane.stand_in) = Some(stand_in);
+        let cluster = RealCluster {
+            lease: self,
+            observer,
+            stand_in: abort,
+            replicasets: tokio::sync::Mutex::new(HashMap::new()),
+        };
+        // Its first list: from then on, every write is seen.
+        cluster.observer.wait_for(1).await?;
+        Ok(cluster)
+    }
+}
+
+/// Deletes what tests create: every Node, and in every namespace every Pod (at once, with no
+/// grace), PodDisruptionBudget, ReplicaSet and Event. Namespaces stay, emptied: deleting one
+/// needs the namespace controller, and it takes seconds, and a namespace being deleted
+/// refuses new pods.
+async fn wipe(client: &kube::Client) -> anyhow::Result<()> {
+    let now = &DeleteParams {
+        grace_period_seconds: Some(0),
+        ..DeleteParams::default()
+    };
+    let everything = ListParams::default();
+    Api::<Node>::all(client.clone())
+        .delete_collection(now, &everything)
+        .await
+        .context("deleting nodes")?;
+    let namespaces = Api::<Namespace>::all(client.clone())
+        .list(&everything)
+        .await
+        .context("listing namespaces")?;
+    let names: Vec<String> = namespaces
+        .items
+        .into_iter()
+        .filter_map(|n| n.metadata.name)
+        .collect();
+    futures::future::try_join_all(names.iter().map(|ns| async move {
+        tokio::try_join!(
+            delete_all::<Pod>(client, ns, now),
+            delete_all::<PodDisruptionBudget>(client, ns, now),
+            delete_all::<ReplicaSet>(client, ns, now),
+            delete_all::<Event>(client, ns, now),
+        )
+    }))
+    .await?;
+    Ok(())
+}
+
+async fn delete_all<K>(
+    client: &kube::Client,
+    namespace: &str,
+    now: &DeleteParams,
+) -> anyhow::Result<()>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + Debug,
+{
+    Api::<K>::namespaced(client.clone(), namespace)
+        .delete_collection(now, &ListParams::default())
+        .await
+        .with_context(|| format!("deleting {} in {namespace}", K::plural(&())))?;
+    Ok(())
+}
+
+/// Success for a create that found the object there already.
+fn exists<T>(result: Result<T, kube::Error>) -> Result<(), kube::Error> {
+    match result {
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+        other => other.map(drop),
+    }
+}
+
+fn resource_version<K: Resource>(object: &K) -> u64 {
+    object
+        .meta()
+        .resource_version
+        .as_deref()
+        .and_then(|rv| rv.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The real cluster as a test sees it through its lease, with the emulator's seeding and
+/// reading operations. Pods are played by a kubelet stand-in following the lease's
+/// [`Behaviour`].
+#[derive(Debug)]
+pub struct RealCluster {
+    lease: Lease,
+    observer: Observer,
+    stand_in: tokio::task::AbortHandle,
+    /// How many pods were added for each ReplicaSet: its replicas.
+    replicasets: tokio::sync::Mutex<HashMap<Key, i32>>,
+}
+
+impl Drop for RealCluster {
+    fn drop(&mut self) {
+        self.stand_in.abort();
+    }
+}
+
+impl RealCluster {
+    pub fn plane(&self) -> &'static ControlPlane {
+        self.lease.plane
+    }
+
+    fn client(&self) -> kube::Client {
+        self.lease.plane.admin.clone()
+    }
+
+    /// Creates the node, then writes its status, which a create drops.
+    pub async fn add_node(&self, mut node: Value) -> anyhow::Result<()> {
+        let status = node.as_object_mut().and_then(|n| n.remove("status"));
+        let api: Api<Node> = Api::all(self.client());
+        let created = api
+            .create(&PostParams::default(), &serde_json::from_value(node)?)
+            .await
+            .context("creating the node")?;
+        if let Some(status) = status {
+            let name = created.metadata.name.unwrap_or_default();
+            api.patch_status(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": status})),
+            )
+            .await
+            .with_context(|| format!("writing node {name}'s status"))?;
+        }
+        Ok(())
+    }
+
+    /// Creates the pod (its namespace too, if need be) and writes its status. A pod of a
+    /// ReplicaSet gets a real one, with as many replicas as pods were added for it, and
+    /// points at it by uid: the disruption controller resolves a budget's `maxUnavailable`
+    /// through the pods' controller and refuses every eviction when it cannot.
+    /// Returns once the kubelet stand-in and the budget observer have seen the pod.
+    pub async fn add_pod(&self, mut pod: Value) -> anyhow::Result<()> {
+        let (namespace, name) = key_of(&pod);
+        pod["metadata"]["namespace"] = json!(namespace);
+        self.ensure_namespace(&namespace).await?;
+        let owner = pod["metadata"]["ownerReferences"]
+            .as_array()
+            .and_then(|owners| {
+                owners
+                    .iter()
+                    .position(|o| o["kind"] == "ReplicaSet" && o["controller"] == true)
+            });
+        if let Some(index) = owner {
+            let replicaset = pod["metadata"]["ownerReferences"][index]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            let uid = self.replicaset_for(&namespace, &replicaset, &pod).await?;
+            pod["metadata"]["ownerReferences"][index]["uid"] = json!(uid);
+        }
+        let status = pod.as_object_mut().and_then(|p| p.remove("status"));
+        let api: Api<Pod> = Api::namespaced(self.client(), &namespace);
+        let mut written = api
+            .create(&PostParams::default(), &serde_json::from_value(pod)?)
+            .await
+            .with_context(|| format!("creating pod {namespace}/{name}"))?;
+        if let Some(status) = status {
+            written = api
+                .patch_status(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"status": status})),
+                )
+                .await
+                .with_context(|| format!("writing pod {namespace}/{name}'s status"))?;
+        }
+        self.observer.wait_for(resource_version(&written)).await
+    }
+
+    /// The ReplicaSet `name`, created from `pod` or scaled up by one; its uid.
+    async fn replicaset_for(
+        &self,
+        namespace: &str,
+        name: &str,
+        pod: &Value,
+    ) -> anyhow::Result<String> {
+        let mut replicasets = self.replicasets.lock().await;
+        let replicas = replicasets
+            .entry((namespace.to_owned(), name.to_owned()))
+            .or_insert(0);
+        *replicas += 1;
+        let api: Api<ReplicaSet> = Api::namespaced(self.client(), namespace);
+        let replicaset = if *replicas == 1 {
+            let labels = &pod["metadata"]["labels"];
+            let mut spec = pod["spec"].clone();
+            if let Some(spec) = spec.as_object_mut() {
+                spec.remove("nodeName");
+            }
+            let replicaset = json!({
+                "apiVersion": "apps/v1",
+                "kind": "ReplicaSet",
+                "metadata": {"name": name, "namespace": namespace},
+                "spec": {
+                    "replicas": 1,
+                    "selector": {"matchLabels": labels},
+                    "template": {"metadata": {"labels": labels}, "spec": spec},
+                },
+            });
+            api.create(&PostParams::default(), &serde_json::from_value(replicaset)?)
+                .await
+        } else {
+            let scale = json!({"spec": {"replicas": *replicas}});
+            api.patch(name, &PatchParams::default(), &Patch::Merge(scale))
+                .await
+        }
+        .with_context(|| format!("creating or scaling ReplicaSet {namespace}/{name}"))?;
+        replicaset
+            .metadata
+            .uid
+            .context("a ReplicaSet without a uid")
+    }
+
+    /// The namespace, with the `default` ServiceAccount the ServiceAccount admission plugin
+    /// gives pods (the controller that creates it does not run).
+    async fn ensure_namespace(&self, namespace: &str) -> anyhow::Result<()> {
+        if lock(&self.lease.plane.namespaces).contains(namespace) {
+            return Ok(());
+        }
+        exists(
+            Api::<Namespace>::all(self.client())
+                .create(
+                    &PostParams::default(),
+                    &serde_json::from_value(json!({"metadata": {"name": namespace}}))?,
+                )
+                .await,
+        )
+        .with_context(|| format!("creating namespace {namespace}"))?;
+        exists(
+            Api::<ServiceAccount>::namespaced(self.client(), namespace)
+                .create(
+                    &PostParams::default(),
+                    &serde_json::from_value(json!({"metadata": {"name": "default"}}))?,
+                )
+                .await,
+        )
+        .with_context(|| format!("creating {namespace}'s default ServiceAccount"))?;
+        lock(&self.lease.plane.namespaces).insert(namespace.to_owned());
+        Ok(())
+    }
+
+    /// Creates the budget and starts observing its pods' health.
+    pub async fn add_pdb(&self, pdb: Value) -> anyhow::Result<()> {
+        let (namespace, name) = key_of(&pdb);
+        self.ensure_namespace(&namespace).await?;
+        let created = Api::<PodDisruptionBudget>::namespaced(self.client(), &namespace)
+            .create(&PostParams::default(), &serde_json::from_value(pdb)?)
+            .await
+            .with_context(|| format!("creating PodDisruptionBudget {namespace}/{name}"))?;
+        self.observer.add_pdb(serde_json::to_value(created)?);
+        Ok(())
+    }
+
+    pub async fn node(&self, name: &str) -> anyhow::Result<Option<Value>> {
+        let node = Api::<Node>::all(self.client()).get_opt(name).await?;
+        Ok(node.map(serde_json::to_value).transpose()?)
+    }
+
+    /// The pods bound to `node`, in every namespace, ordered by namespace and name.
+    pub async fn pods_on(&self, node: &str) -> anyhow::Result<Vec<Value>> {
+        let on_node = ListParams::default().fields(&format!("spec.nodeName={node}"));
+        let pods = Api::<Pod>::all(self.client()).list(&on_node).await?;
+        Ok(pods
+            .items
+            .iter()
+            .map(serde_json::to_value)
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// The reasons of the events about `node`, oldest first, as `kubectl describe node`
+    /// lists them.
+    pub async fn event_reasons(&self, node: &str) -> anyhow::Result<Vec<String>> {
+        let about = ListParams::default().fields(&format!("involvedObject.name={node}"));
+        let mut events = Api::<Event>::all(self.client()).list(&about).await?.items;
+        // Creation order: timestamps have one-second resolution, revisions do not tie.
+        events.sort_by_key(resource_version);
+        Ok(events.into_iter().filter_map(|e| e.reason).collect())
+    }
+
+    /// The fewest healthy (Ready, not terminating) pods the budget's selector had at any
+    /// moment since it was added, as the pods' own changes showed it.
+    pub fn pdb_min_healthy(&self, namespace: &str, name: &str) -> Option<i64> {
+        self.observer
+            .min_healthy(&(namespace.to_owned(), name.to_owned()))
+    }
+
+    /// The distinct EKS tokens the webhook accepted during this lease. The API server keeps
+    /// an accepted token for 10 s (`TokenSuccessCacheTTL`, no flag changes it) and does not
+    /// ask again meanwhile: a token another lease used just before is missing here.
+    /// Refusals are never cached.
+    pub fn tokens_seen(&self) -> Vec<String> {
+        self.lease.plane.authn.seen().tokens.clone()
+    }
+
+    /// Why the webhook refused tokens during this lease.
+    pub fn auth_failures(&self) -> Vec<String> {
+        self.lease.plane.authn.seen().failures.clone()
+    }
+}
