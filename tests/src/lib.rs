@@ -8,6 +8,7 @@
 //! - [`sandbox`]: all of it wired together, for tests and the README's sandbox command.
 
 pub mod autoscaling;
+pub mod cluster;
 pub mod envtest;
 pub mod fixtures;
 pub mod imds;

@@ -10,8 +10,9 @@ use chrono::{SecondsFormat, Utc};
 use serde_json::{json, Value};
 
 use crate::autoscaling::AwsFront;
+use crate::cluster::{Backend, Cluster};
 use crate::fixtures;
-use crate::kube::{AuthConfig, Behaviour, KubeApi};
+use crate::kube::{AuthConfig, Behaviour};
 use crate::moto::{Instance, Moto};
 use crate::process::Process;
 use crate::runtime_api::{Outcome, RuntimeApi};
@@ -42,7 +43,7 @@ pub struct Sandbox {
     pub moto: Moto,
     /// The AWS endpoint the function uses: moto, plus the lifecycle calls moto lacks.
     pub aws: AwsFront,
-    pub kube: KubeApi,
+    pub kube: Cluster,
     pub runtime: RuntimeApi,
     pub lambda: Process,
     pub instance: Instance,
@@ -54,11 +55,21 @@ impl Sandbox {
     /// disruption at a time; plus a spare node for replacements. `env` adds to or overrides
     /// the function's environment.
     pub async fn start(env: &[(&str, &str)]) -> anyhow::Result<Self> {
-        Self::start_with(env, sandbox_behaviour()).await
+        Self::start_on(Backend::Emulator, env, sandbox_behaviour()).await
     }
 
     /// As [`Sandbox::start`], with the emulated cluster behaving as `behaviour` says.
     pub async fn start_with(env: &[(&str, &str)], behaviour: Behaviour) -> anyhow::Result<Self> {
+        Self::start_on(Backend::Emulator, env, behaviour).await
+    }
+
+    /// As [`Sandbox::start_with`], on either backend: the real control plane's kubelet and
+    /// ReplicaSet stand-in follows `behaviour` as the emulator does.
+    pub async fn start_on(
+        backend: Backend,
+        env: &[(&str, &str)],
+        behaviour: Behaviour,
+    ) -> anyhow::Result<Self> {
         let moto = Moto::start().await?;
         let aws = AwsFront::start(&moto.endpoint).await?;
         let instance = moto
@@ -71,7 +82,8 @@ impl Sandbox {
                 ],
             )
             .await?;
-        let kube = KubeApi::start(
+        let kube = Cluster::start(
+            backend,
             AuthConfig {
                 cluster_name: CLUSTER.to_owned(),
                 secret_access_key: Some(TEST_SECRET_KEY.to_owned()),
@@ -80,45 +92,50 @@ impl Sandbox {
         )
         .await?;
         let node = instance.private_dns_name.clone();
-        kube.world(|w| {
-            w.add_node(fixtures::node(
-                &node,
-                &instance.id,
-                &instance.availability_zone,
-            ));
-            w.add_node(fixtures::node(
-                SPARE_NODE,
-                "i-0ffffffffffffffff",
-                "us-east-1b",
-            ));
-            w.add_pod(fixtures::daemonset_pod("kube-system", "aws-node", &node));
-            w.add_pod(fixtures::mirror_pod("kube-system", "kube-proxy", &node));
-            for i in 0..6 {
-                w.add_pod(fixtures::replicaset_pod(
-                    APP_NAMESPACE,
-                    "web-5d9f7",
-                    i,
-                    &node,
-                    "web",
-                ));
-            }
-            for i in 0..2 {
-                w.add_pod(fixtures::replicaset_pod(
-                    APP_NAMESPACE,
-                    "checkout-6c8d",
-                    i,
-                    &node,
-                    "checkout",
-                ));
-            }
-            w.add_pdb(fixtures::pdb_max_unavailable(
+        kube.add_node(fixtures::node(
+            &node,
+            &instance.id,
+            &instance.availability_zone,
+        ))
+        .await?;
+        kube.add_node(fixtures::node(
+            SPARE_NODE,
+            "i-0ffffffffffffffff",
+            "us-east-1b",
+        ))
+        .await?;
+        kube.add_pod(fixtures::daemonset_pod("kube-system", "aws-node", &node))
+            .await?;
+        kube.add_pod(fixtures::mirror_pod("kube-system", "kube-proxy", &node))
+            .await?;
+        for i in 0..6 {
+            kube.add_pod(fixtures::replicaset_pod(
                 APP_NAMESPACE,
-                PDB_NAME,
+                "web-5d9f7",
+                i,
+                &node,
+                "web",
+            ))
+            .await?;
+        }
+        for i in 0..2 {
+            kube.add_pod(fixtures::replicaset_pod(
+                APP_NAMESPACE,
+                "checkout-6c8d",
+                i,
+                &node,
                 "checkout",
-                1,
-            ));
-        });
-        aws.add_cluster(CLUSTER, &kube.url, &kube.ca_pem);
+            ))
+            .await?;
+        }
+        kube.add_pdb(fixtures::pdb_max_unavailable(
+            APP_NAMESPACE,
+            PDB_NAME,
+            "checkout",
+            1,
+        ))
+        .await?;
+        aws.add_cluster(CLUSTER, kube.url(), kube.ca_pem());
         let runtime = RuntimeApi::start().await?;
         let queue = runtime.queue();
         queue.set_timeout(FUNCTION_TIMEOUT);
@@ -137,6 +154,14 @@ impl Sandbox {
             lambda,
             instance,
         })
+    }
+
+    /// The emulator, for a test that only it can serve (fault injection, request records).
+    /// Panics on the real control plane: such a test runs on the emulator only.
+    pub fn emulator(&self) -> &crate::kube::KubeApi {
+        self.kube
+            .emulator()
+            .expect("this test needs the emulator's fault injection or request records")
     }
 
     pub fn node_name(&self) -> &str {
@@ -168,7 +193,7 @@ impl Sandbox {
         }
         all.retain(|(_, v)| !v.is_empty());
         let instance = self.moto.run_instance("us-east-1b", &all).await?;
-        self.add_node(&instance, pods);
+        self.add_node(&instance, pods).await?;
         Ok(instance)
     }
 
@@ -188,8 +213,8 @@ impl Sandbox {
 
     /// A Ready node in the cluster for `instance`, with a DaemonSet pod and `pods` ReplicaSet
     /// pods (label app=api).
-    pub fn add_node(&self, instance: &Instance, pods: usize) {
-        add_node_to(&self.kube, instance, pods);
+    pub async fn add_node(&self, instance: &Instance, pods: usize) -> anyhow::Result<()> {
+        add_node_to(&self.kube, instance, pods).await
     }
 
     /// The environment for running `nth-lambda explain` or `replay` against this world.
@@ -200,26 +225,35 @@ impl Sandbox {
 
 /// A Ready node in `cluster` for `instance`, with a DaemonSet pod and `pods` ReplicaSet pods
 /// (label app=api).
-pub fn add_node_to(cluster: &KubeApi, instance: &Instance, pods: usize) {
+pub async fn add_node_to(
+    cluster: &Cluster,
+    instance: &Instance,
+    pods: usize,
+) -> anyhow::Result<()> {
     let node = instance.private_dns_name.clone();
-    cluster.world(|w| {
-        w.add_node(fixtures::node(
+    cluster
+        .add_node(fixtures::node(
             &node,
             &instance.id,
             &instance.availability_zone,
-        ));
-        w.add_pod(fixtures::daemonset_pod("kube-system", "aws-node", &node));
-        for i in 0..pods {
-            let rs = format!("api-{}", &instance.id[2..8]);
-            w.add_pod(fixtures::replicaset_pod(
+        ))
+        .await?;
+    cluster
+        .add_pod(fixtures::daemonset_pod("kube-system", "aws-node", &node))
+        .await?;
+    let rs = format!("api-{}", &instance.id[2..8]);
+    for i in 0..pods {
+        cluster
+            .add_pod(fixtures::replicaset_pod(
                 APP_NAMESPACE,
                 &rs,
                 i,
                 &node,
                 "api",
-            ));
-        }
-    });
+            ))
+            .await?;
+    }
+    Ok(())
 }
 
 /// An EventBridge event about `instance_id`, sent now.
@@ -253,8 +287,8 @@ fn lambda_env(runtime: &RuntimeApi) -> BTreeMap<String, String> {
 }
 
 /// AWS settings pointing at the emulated endpoint, and nth's settings for this world's cluster.
-fn handler_env(aws: &AwsFront, kube: &KubeApi) -> BTreeMap<String, String> {
-    let ca_data = base64::engine::general_purpose::STANDARD.encode(&kube.ca_pem);
+fn handler_env(aws: &AwsFront, kube: &Cluster) -> BTreeMap<String, String> {
+    let ca_data = base64::engine::general_purpose::STANDARD.encode(kube.ca_pem());
     [
         ("AWS_REGION", TEST_REGION),
         ("AWS_ACCESS_KEY_ID", TEST_ACCESS_KEY),
@@ -263,7 +297,7 @@ fn handler_env(aws: &AwsFront, kube: &KubeApi) -> BTreeMap<String, String> {
         ("AWS_ENDPOINT_URL", aws.endpoint.as_str()),
         ("AWS_EC2_METADATA_DISABLED", "true"),
         ("CLUSTER_NAME", CLUSTER),
-        ("CLUSTER_ENDPOINT", kube.url.as_str()),
+        ("CLUSTER_ENDPOINT", kube.url()),
         ("CLUSTER_CA_DATA", ca_data.as_str()),
         // Faster than the 5 s default, so the PDB-guarded pods move within seconds.
         ("EVICTION_RETRY_SECONDS", "1"),

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use chrono::{TimeDelta, Utc};
-use nth_tests::fixtures::{self, taint_keys};
+use nth_tests::fixtures::{self, our_taint_keys, taint_keys};
 use nth_tests::imds::{Fault, ImdsEmulator};
 use nth_tests::kube::{AuthConfig, Behaviour, KubeApi};
 use nth_tests::process::Process;
@@ -483,7 +483,8 @@ async fn a_node_cordoned_by_someone_else_is_never_uncordoned() -> anyhow::Result
         .set_scheduled(maintenance("system-reboot", "canceled", event_id));
     eventually(&agent, "nth's marks removed", || {
         let node = world.node();
-        taint_keys(&node).is_empty() && annotation(&node, "restore-after-maintenance").is_none()
+        our_taint_keys(&node, PREFIX).is_empty()
+            && annotation(&node, "restore-after-maintenance").is_none()
     })
     .await;
     assert!(cordoned(&world.node()), "someone else's cordon stays");

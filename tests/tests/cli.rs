@@ -113,7 +113,7 @@ async fn replay_dry_run_plans_the_drain_and_changes_nothing() -> anyhow::Result<
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("event.json");
     std::fs::write(&path, event.to_string())?;
-    let node_before = sandbox.kube.node(sandbox.node_name());
+    let node_before = sandbox.emulator().node(sandbox.node_name());
 
     let output = run(
         &["replay", path.to_str().unwrap_or_default(), "--dry-run"],
@@ -134,16 +134,16 @@ async fn replay_dry_run_plans_the_drain_and_changes_nothing() -> anyhow::Result<
         Some(8)
     );
     assert_eq!(
-        sandbox.kube.node(sandbox.node_name()),
+        sandbox.emulator().node(sandbox.node_name()),
         node_before,
         "node untouched"
     );
     assert_eq!(
-        sandbox.kube.pods_on(sandbox.node_name()).len(),
+        sandbox.emulator().pods_on(sandbox.node_name()).len(),
         10,
         "no pod evicted"
     );
-    let writes = sandbox.kube.writes();
+    let writes = sandbox.emulator().writes();
     assert!(writes.is_empty(), "a dry run writes nothing: {writes:?}");
     Ok(())
 }
@@ -171,7 +171,7 @@ async fn replay_dry_run_of_the_verbatim_sample_finds_no_such_instance() -> anyho
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_with_a_kubeconfig_drains_for_real() -> anyhow::Result<()> {
     let sandbox = Sandbox::start(&[]).await?;
-    let kubeconfig = nth_tests::kube::kubeconfig(&sandbox.kube, nth_tests::sandbox::CLUSTER)?;
+    let kubeconfig = nth_tests::kube::kubeconfig(sandbox.emulator(), nth_tests::sandbox::CLUSTER)?;
     let dir = tempfile::tempdir()?;
     let config_path = dir.path().join("kubeconfig");
     std::fs::write(&config_path, kubeconfig.to_string())?;
@@ -196,10 +196,10 @@ async fn replay_with_a_kubeconfig_drains_for_real() -> anyhow::Result<()> {
         String::from_utf8_lossy(&output.stderr)
     );
     assert_eq!(stdout_json(&output)["results"][0]["outcome"], "drained");
-    let node = sandbox.kube.node(sandbox.node_name()).expect("node");
+    let node = sandbox.emulator().node(sandbox.node_name()).expect("node");
     assert_eq!(node["spec"]["unschedulable"], true);
     assert_eq!(
-        sandbox.kube.pods_on(sandbox.node_name()).len(),
+        sandbox.emulator().pods_on(sandbox.node_name()).len(),
         2,
         "only DaemonSet and mirror pods left"
     );

@@ -3,6 +3,7 @@
 //! Kubernetes API emulators stand in for two EKS clusters; each checks that the token it is
 //! given was minted for it.
 
+use nth_tests::cluster::Cluster;
 use nth_tests::kube::{AuthConfig, KubeApi};
 use nth_tests::moto::Instance;
 use nth_tests::runtime_api::Outcome;
@@ -70,9 +71,10 @@ fn requests_about(kube: &KubeApi, node: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_deployment_drains_nodes_in_each_listed_cluster() -> anyhow::Result<()> {
     let sandbox = serving(&format!("{CLUSTER}, blue")).await?;
-    let blue = second_cluster(&sandbox, "blue").await?;
+    let blue = Cluster::Emulator(second_cluster(&sandbox, "blue").await?);
     let blue_instance = managed_instance(&sandbox, ("kubernetes.io/cluster/blue", "owned")).await?;
-    add_node_to(&blue, &blue_instance, 3);
+    add_node_to(&blue, &blue_instance, 3).await?;
+    let blue = blue.emulator().expect("the blue cluster is emulated");
     let blue_node = blue_instance.private_dns_name.clone();
 
     let home = sandbox.invoke(sandbox.spot_event("clusters-home")).await?;
@@ -82,8 +84,8 @@ async fn one_deployment_drains_nodes_in_each_listed_cluster() -> anyhow::Result<
 
     assert_eq!(home.summary(), "drained");
     assert_eq!(away.summary(), "drained");
-    assert!(unschedulable(&sandbox.kube, sandbox.node_name()));
-    assert!(unschedulable(&blue, &blue_node));
+    assert!(unschedulable(sandbox.emulator(), sandbox.node_name()));
+    assert!(unschedulable(blue, &blue_node));
     let left: Vec<String> = blue
         .pods_on(&blue_node)
         .iter()
@@ -95,7 +97,7 @@ async fn one_deployment_drains_nodes_in_each_listed_cluster() -> anyhow::Result<
         "only the DaemonSet pod stays on the blue node"
     );
     assert_eq!(
-        requests_about(&sandbox.kube, &blue_node),
+        requests_about(sandbox.emulator(), &blue_node),
         0,
         "the blue instance's node was looked for in the blue cluster only"
     );
@@ -104,7 +106,7 @@ async fn one_deployment_drains_nodes_in_each_listed_cluster() -> anyhow::Result<
         "{:?}",
         blue.auth_failures()
     );
-    assert!(sandbox.kube.auth_failures().is_empty());
+    assert!(sandbox.emulator().auth_failures().is_empty());
 
     // A warm container keeps what it learnt: the event delivered again asks EKS nothing.
     let again = sandbox
@@ -125,12 +127,12 @@ async fn instances_of_unlisted_or_unnamed_clusters_are_never_touched() -> anyhow
     let blue = second_cluster(&sandbox, "blue").await?;
     // Its node sits in the sandbox cluster, but its tags say green, which is not served.
     let green = managed_instance(&sandbox, ("eks:cluster-name", "green")).await?;
-    sandbox.add_node(&green, 2);
+    sandbox.add_node(&green, 2).await?;
     let untagged = sandbox
         .moto
         .run_instance("us-east-1b", &[(MANAGED_TAG, "true")])
         .await?;
-    sandbox.add_node(&untagged, 2);
+    sandbox.add_node(&untagged, 2).await?;
 
     let not_listed = sandbox.invoke(spot(&green, "clusters-green")).await?;
     let no_tag = sandbox.invoke(spot(&untagged, "clusters-untagged")).await?;
@@ -145,11 +147,14 @@ async fn instances_of_unlisted_or_unnamed_clusters_are_never_touched() -> anyhow
     assert!(no_tag.summary().contains("no cluster tag"));
     assert!(home.summary().contains("not in CLUSTERS"));
     for node in [&green.private_dns_name, &untagged.private_dns_name] {
-        assert!(!unschedulable(&sandbox.kube, node));
-        assert_eq!(sandbox.kube.pods_on(node).len(), 3);
+        assert!(!unschedulable(sandbox.emulator(), node));
+        assert_eq!(sandbox.emulator().pods_on(node).len(), 3);
     }
-    assert!(!unschedulable(&sandbox.kube, sandbox.node_name()));
-    assert!(sandbox.kube.requests().is_empty(), "no cluster was called");
+    assert!(!unschedulable(sandbox.emulator(), sandbox.node_name()));
+    assert!(
+        sandbox.emulator().requests().is_empty(),
+        "no cluster was called"
+    );
     assert!(blue.requests().is_empty());
     assert_eq!(sandbox.aws.count("DescribeCluster"), 0);
     Ok(())
@@ -159,7 +164,7 @@ async fn instances_of_unlisted_or_unnamed_clusters_are_never_touched() -> anyhow
 async fn star_serves_every_cluster_the_account_has() -> anyhow::Result<()> {
     let sandbox = serving("*").await?;
     let ghost = managed_instance(&sandbox, ("eks:cluster-name", "ghost")).await?;
-    sandbox.add_node(&ghost, 1);
+    sandbox.add_node(&ghost, 1).await?;
     // EKS throttles the first two lookups; the function tries again.
     sandbox
         .aws
@@ -169,7 +174,7 @@ async fn star_serves_every_cluster_the_account_has() -> anyhow::Result<()> {
     let unknown = sandbox.invoke(spot(&ghost, "clusters-ghost")).await?;
 
     assert_eq!(home.summary(), "drained");
-    assert!(unschedulable(&sandbox.kube, sandbox.node_name()));
+    assert!(unschedulable(sandbox.emulator(), sandbox.node_name()));
     let Outcome::Response(_) = &unknown else {
         panic!("a cluster EKS does not know is not an error to retry: {unknown:?}");
     };
@@ -180,7 +185,7 @@ async fn star_serves_every_cluster_the_account_has() -> anyhow::Result<()> {
         "{}",
         unknown.summary()
     );
-    assert!(!unschedulable(&sandbox.kube, &ghost.private_dns_name));
+    assert!(!unschedulable(sandbox.emulator(), &ghost.private_dns_name));
     Ok(())
 }
 
@@ -193,7 +198,7 @@ async fn cluster_name_alone_is_enough() -> anyhow::Result<()> {
         .await?;
 
     assert_eq!(outcome.summary(), "drained");
-    assert!(unschedulable(&sandbox.kube, sandbox.node_name()));
+    assert!(unschedulable(sandbox.emulator(), sandbox.node_name()));
     assert_eq!(sandbox.aws.count("DescribeCluster"), 1);
     Ok(())
 }
@@ -214,7 +219,7 @@ async fn a_cluster_eks_cannot_describe_fails_the_invocation_for_a_retry() -> any
             && message.contains(&sandbox.instance.id),
         "{message}"
     );
-    assert!(!unschedulable(&sandbox.kube, sandbox.node_name()));
+    assert!(!unschedulable(sandbox.emulator(), sandbox.node_name()));
     let retried = sandbox
         .invoke(sandbox.spot_event("clusters-eks-down"))
         .await?;

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use nth_tests::fixtures::{self, taint_keys};
+use nth_tests::fixtures::{self, our_taint_keys, taint_keys};
 use nth_tests::kube::state::is_terminating;
 use nth_tests::runtime_api::Outcome;
 use nth_tests::sandbox::{event, sandbox_behaviour, Sandbox, APP_NAMESPACE, CLUSTER, MANAGED_TAG};
@@ -29,7 +29,7 @@ fn response(outcome: Outcome, sandbox: &Sandbox) -> Value {
 /// Workload pods (not DaemonSet or mirror) still on the node and not terminating.
 fn workload_pods(sandbox: &Sandbox, node: &str) -> usize {
     sandbox
-        .kube
+        .emulator()
         .pods_on(node)
         .iter()
         .filter(|p| {
@@ -107,7 +107,7 @@ async fn rebalance_recommendation_taints_and_cordons_without_draining() -> anyho
     );
     let r = response(sandbox.invoke(ev).await?, &sandbox);
     assert_eq!(r["results"][0]["outcome"], "marked");
-    let node = sandbox.kube.node(sandbox.node_name()).expect("node");
+    let node = sandbox.emulator().node(sandbox.node_name()).expect("node");
     assert_eq!(node["spec"]["unschedulable"], true);
     assert!(
         taint_keys(&node).contains(&"node-termination-handler/rebalance-recommendation".to_owned())
@@ -152,7 +152,7 @@ async fn terminate_lifecycle_drains_then_completes_and_a_duplicate_is_a_no_op() 
 
     assert_eq!(r["results"][0]["outcome"], "drained");
     assert_eq!(r["results"][0]["lifecycle"], "completed");
-    let node = sandbox.kube.node(sandbox.node_name()).expect("node");
+    let node = sandbox.emulator().node(sandbox.node_name()).expect("node");
     assert!(taint_keys(&node)
         .contains(&"node-termination-handler/asg-lifecycle-termination".to_owned()));
     assert_eq!(workload_pods(&sandbox, sandbox.node_name()), 0);
@@ -178,7 +178,7 @@ async fn terminate_lifecycle_drains_then_completes_and_a_duplicate_is_a_no_op() 
     );
 
     // EventBridge delivers at least once: the same event again.
-    let evictions_before = sandbox.kube.world(|w| w.record.evictions_accepted);
+    let evictions_before = sandbox.emulator().world(|w| w.record.evictions_accepted);
     let again = response(
         sandbox.invoke(terminate_event(&sandbox, "tl-1")).await?,
         &sandbox,
@@ -186,7 +186,7 @@ async fn terminate_lifecycle_drains_then_completes_and_a_duplicate_is_a_no_op() 
     assert_eq!(again["results"][0]["outcome"], "already-drained");
     assert_eq!(again["results"][0]["lifecycle"], "already-completed");
     assert_eq!(
-        sandbox.kube.world(|w| w.record.evictions_accepted),
+        sandbox.emulator().world(|w| w.record.evictions_accepted),
         evictions_before,
         "no second drain"
     );
@@ -220,7 +220,7 @@ async fn heartbeats_keep_the_hook_alive_while_a_pdb_holds_the_drain() -> anyhow:
         "every heartbeat came before the completion"
     );
     assert!(
-        sandbox.kube.world(|w| w.record.evictions_refused) >= 1,
+        sandbox.emulator().world(|w| w.record.evictions_refused) >= 1,
         "the PDB did hold the drain"
     );
     Ok(())
@@ -233,13 +233,13 @@ const SHORT_TIMEOUT: Duration = Duration::from_secs(8);
 /// The grace period each eviction asked for (`None`: the pod's own).
 fn grace_periods(sandbox: &Sandbox) -> Vec<Option<i64>> {
     sandbox
-        .kube
+        .emulator()
         .world(|w| w.record.evictions.iter().map(|e| e.grace_seconds).collect())
 }
 
 /// Holds every `web` pod on its node until released.
 fn freeze_web(sandbox: &Sandbox, max_unavailable: i64) {
-    sandbox.kube.world(|w| {
+    sandbox.emulator().world(|w| {
         w.add_pdb(fixtures::pdb_max_unavailable(
             APP_NAMESPACE,
             "web-frozen",
@@ -263,7 +263,7 @@ async fn wait_for_completion(sandbox: &Sandbox, within: Duration) -> Option<Stri
 
 /// The node's record of a drain going on in another invocation.
 fn continuing_annotation(sandbox: &Sandbox) -> Value {
-    sandbox.kube.node(sandbox.node_name()).expect("node")["metadata"]["annotations"]
+    sandbox.emulator().node(sandbox.node_name()).expect("node")["metadata"]["annotations"]
         ["node-termination-handler/drain-continues-for"]
         .clone()
 }
@@ -343,7 +343,7 @@ async fn a_drain_longer_than_an_invocation_continues_in_the_next() -> anyhow::Re
     assert_eq!(late["results"][0]["outcome"], "already-drained");
     assert_eq!(continuing_annotation(&sandbox), Value::Null);
     // `kubectl describe node`: one story, not one line per round.
-    let reasons = sandbox.kube.event_reasons(sandbox.node_name());
+    let reasons = sandbox.emulator().event_reasons(sandbox.node_name());
     assert_eq!(reasons, ["ASGLifecycleTermination", "Drained"]);
     let action = sandbox.aws.pending().remove(0);
     let (_, completed_at) = action.completed.expect("completed");
@@ -461,7 +461,7 @@ async fn launch_lifecycle_waits_for_the_node_to_be_ready() -> anyhow::Result<()>
     // The node joins NotReady after 2 s and turns Ready 4 s later, as a kubelet does.
     let joining = {
         let node = fixtures::node(&instance.private_dns_name, &instance.id, "us-east-1a");
-        let kube = &sandbox.kube;
+        let kube = sandbox.emulator();
         async move {
             tokio::time::sleep(Duration::from_secs(2)).await;
             let mut not_ready = node.clone();
@@ -526,13 +526,13 @@ async fn stopping_drains_and_running_again_restores_the_node() -> anyhow::Result
         &sandbox,
     );
     assert_eq!(r["results"][0]["outcome"], "drained");
-    let stopped = sandbox.kube.node(&node).expect("node");
+    let stopped = sandbox.emulator().node(&node).expect("node");
     assert_eq!(stopped["spec"]["unschedulable"], true);
     assert!(taint_keys(&stopped).contains(&"node-termination-handler/instance-stopping".to_owned()));
     assert_eq!(workload_pods(&sandbox, &node), 0);
 
     // Someone else's taint must survive the restore.
-    sandbox.kube.world(|w| {
+    sandbox.emulator().world(|w| {
         if let Some(n) = w.nodes.get_mut(&node) {
             if let Some(taints) = n["spec"]["taints"].as_array_mut() {
                 taints.push(json!({"key": "team/maintenance", "effect": "NoSchedule"}));
@@ -546,9 +546,11 @@ async fn stopping_drains_and_running_again_restores_the_node() -> anyhow::Result
         &sandbox,
     );
     assert_eq!(r["results"][0]["outcome"], "uncordoned");
-    let running = sandbox.kube.node(&node).expect("node");
+    let running = sandbox.emulator().node(&node).expect("node");
     assert_ne!(running["spec"]["unschedulable"], true, "uncordoned");
-    assert_eq!(taint_keys(&running), vec!["team/maintenance".to_owned()]);
+    assert!(taint_keys(&running).contains(&"team/maintenance".to_owned()));
+    assert!(our_taint_keys(&running, "node-termination-handler").is_empty());
+    fixtures::foreign_marks_kept(&running).map_err(anyhow::Error::msg)?;
     assert!(running["metadata"]["annotations"]
         .get("node-termination-handler/interruption-kind")
         .is_none());
@@ -559,7 +561,7 @@ async fn stopping_drains_and_running_again_restores_the_node() -> anyhow::Result
 async fn running_leaves_a_node_someone_else_cordoned() -> anyhow::Result<()> {
     let sandbox = Sandbox::start(&[]).await?;
     let node = sandbox.node_name().to_owned();
-    sandbox.kube.world(|w| {
+    sandbox.emulator().world(|w| {
         if let Some(n) = w.nodes.get_mut(&node) {
             n["spec"]["unschedulable"] = json!(true);
         }
@@ -574,7 +576,7 @@ async fn running_leaves_a_node_someone_else_cordoned() -> anyhow::Result<()> {
         .as_str()
         .is_some_and(|o| o.contains("left alone")));
     assert_eq!(
-        sandbox.kube.node(&node).expect("node")["spec"]["unschedulable"],
+        sandbox.emulator().node(&node).expect("node")["spec"]["unschedulable"],
         true
     );
     Ok(())
@@ -590,7 +592,7 @@ async fn pending_state_is_skipped() -> anyhow::Result<()> {
         &sandbox,
     );
     assert!(r["skipped"].as_str().is_some_and(|s| s.contains("pending")));
-    assert!(sandbox.kube.requests().is_empty());
+    assert!(sandbox.emulator().requests().is_empty());
     Ok(())
 }
 
@@ -624,7 +626,10 @@ async fn health_event_naming_three_instances_drains_all_three() -> anyhow::Resul
     assert!(results.iter().all(|x| x["outcome"] == "drained"), "{r:#}");
     let mut event_ids = Vec::new();
     for instance in [&sandbox.instance, &second, &third] {
-        let node = sandbox.kube.node(&instance.private_dns_name).expect("node");
+        let node = sandbox
+            .emulator()
+            .node(&instance.private_dns_name)
+            .expect("node");
         assert_eq!(node["spec"]["unschedulable"], true);
         assert!(taint_keys(&node)
             .contains(&"node-termination-handler/scheduled-maintenance".to_owned()));
@@ -675,7 +680,10 @@ async fn unmanaged_and_foreign_instances_are_never_touched() -> anyhow::Result<(
                 .is_some_and(|o| o.contains(expect)),
             "{r}"
         );
-        let node = sandbox.kube.node(&instance.private_dns_name).expect("node");
+        let node = sandbox
+            .emulator()
+            .node(&instance.private_dns_name)
+            .expect("node");
         assert!(
             node["spec"].get("unschedulable").is_none(),
             "node untouched"
@@ -702,7 +710,7 @@ async fn a_group_carrying_the_managed_tag_makes_its_instances_managed() -> anyho
             ],
         )
         .await?;
-    sandbox.add_node(&instance, 2);
+    sandbox.add_node(&instance, 2).await?;
     let ev = event(
         "mg-1",
         "aws.ec2",
@@ -740,17 +748,21 @@ async fn dry_run_writes_nothing_to_kubernetes_or_auto_scaling() -> anyhow::Resul
     sandbox
         .aws
         .add_pending(GROUP, HOOK, &sandbox.instance.id, TOKEN);
-    let before = sandbox.kube.node(sandbox.node_name());
+    let before = sandbox.emulator().node(sandbox.node_name());
     let r = response(
         sandbox.invoke(terminate_event(&sandbox, "dr-1")).await?,
         &sandbox,
     );
     assert_eq!(r["results"][0]["outcome"], "dry-run");
     assert_eq!(r["results"][0]["lifecycle"], "dry-run");
-    assert_eq!(sandbox.kube.node(sandbox.node_name()), before);
+    assert_eq!(sandbox.emulator().node(sandbox.node_name()), before);
     assert_eq!(workload_pods(&sandbox, sandbox.node_name()), 8);
     assert!(
-        sandbox.kube.requests().iter().all(|r| r.method == "GET"),
+        sandbox
+            .emulator()
+            .requests()
+            .iter()
+            .all(|r| r.method == "GET"),
         "only reads"
     );
     assert!(sandbox.aws.calls().is_empty(), "no lifecycle call");
@@ -784,7 +796,7 @@ async fn events_from_elsewhere_or_with_odd_times_are_handled_safely() -> anyhow:
                 .contains("event from account 999999999999; this function serves 123456789012")),
         "{r}"
     );
-    assert!(sandbox.kube.requests().is_empty());
+    assert!(sandbox.emulator().requests().is_empty());
     assert!(sandbox.aws.actions().is_empty(), "no AWS call either");
 
     // A Spot warning redriven from the dead-letter queue hours later: the node is still
@@ -798,7 +810,7 @@ async fn events_from_elsewhere_or_with_odd_times_are_handled_safely() -> anyhow:
         !graces.is_empty() && graces.iter().all(Option::is_none),
         "no grace clipped to zero: {graces:?}"
     );
-    sandbox.kube.world(|w| w.record.evictions.clear());
+    sandbox.emulator().world(|w| w.record.evictions.clear());
 
     // A time far in the future (a skewed or forged clock) does not postpone the drain, and
     // gives no reason to cut grace periods short.
@@ -829,7 +841,7 @@ async fn a_node_that_only_looks_like_the_instance_is_left_alone() -> anyhow::Res
     let zone = sandbox.instance.availability_zone.clone();
     // The node named after the instance's DNS name is another instance's; the instance's
     // own node was given a custom name.
-    sandbox.kube.world(|w| {
+    sandbox.emulator().world(|w| {
         w.add_node(fixtures::node(&look_alike, "i-0123456789abcdef0", &zone));
         w.add_node(fixtures::node("custom-name-7", &sandbox.instance.id, &zone));
     });
@@ -840,11 +852,11 @@ async fn a_node_that_only_looks_like_the_instance_is_left_alone() -> anyhow::Res
     );
 
     assert_eq!(r["results"][0]["node"], "custom-name-7");
-    let own = sandbox.kube.node("custom-name-7").expect("node");
+    let own = sandbox.emulator().node("custom-name-7").expect("node");
     assert_eq!(own["spec"]["unschedulable"], true);
-    let other = sandbox.kube.node(&look_alike).expect("node");
+    let other = sandbox.emulator().node(&look_alike).expect("node");
     assert_ne!(other["spec"]["unschedulable"], true);
-    assert!(taint_keys(&other).is_empty());
+    assert!(our_taint_keys(&other, "node-termination-handler").is_empty());
     assert_eq!(workload_pods(&sandbox, &look_alike), 8, "its pods stay");
     Ok(())
 }

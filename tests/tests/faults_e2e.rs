@@ -12,25 +12,27 @@ async fn transient_api_server_errors_are_retried() -> anyhow::Result<()> {
     let sandbox = Sandbox::start(&[]).await?;
     let node = sandbox.node_name().to_owned();
     sandbox
-        .kube
+        .emulator()
         .inject_failures("GET", &format!("/api/v1/nodes/{node}"), 503, 2);
     sandbox
-        .kube
+        .emulator()
         .inject_failures("PATCH", "/api/v1/nodes/", 500, 1);
-    sandbox.kube.inject_failures("GET", "/api/v1/pods", 429, 2);
+    sandbox
+        .emulator()
+        .inject_failures("GET", "/api/v1/pods", 429, 2);
 
     let outcome = sandbox.invoke(sandbox.spot_event("flaky-1")).await?;
 
     assert_eq!(outcome.summary(), "drained");
     let failed = sandbox
-        .kube
+        .emulator()
         .requests()
         .iter()
         .filter(|r| r.status >= 429)
         .count();
     assert!(failed >= 5, "the injected failures happened ({failed})");
     assert_eq!(
-        sandbox.kube.node(&node).expect("node")["spec"]["unschedulable"],
+        sandbox.emulator().node(&node).expect("node")["spec"]["unschedulable"],
         true
     );
     Ok(())
@@ -56,22 +58,25 @@ async fn dropped_connections_and_a_hung_api_server_are_retried() -> anyhow::Resu
     let sandbox = Sandbox::start(&[]).await?;
     let node = sandbox.node_name().to_owned();
     sandbox
-        .kube
+        .emulator()
         .inject_reset("GET", &format!("/api/v1/nodes/{node}"), 1);
-    sandbox.kube.inject_reset("GET", "/api/v1/pods", 2);
+    sandbox.emulator().inject_reset("GET", "/api/v1/pods", 2);
     // Longer than the client's 20 s request timeout: the cordon is sent again.
     sandbox
-        .kube
+        .emulator()
         .inject_delay("PATCH", "/api/v1/nodes/", Duration::from_secs(22), 1);
 
     let outcome = sandbox.invoke(sandbox.spot_event("resets-1")).await?;
 
     assert_eq!(outcome.summary(), "drained");
-    let node_state = sandbox.kube.node(&node).expect("node");
+    let node_state = sandbox.emulator().node(&node).expect("node");
     assert_eq!(node_state["spec"]["unschedulable"], true);
-    assert!(sandbox.kube.pods_on(&node).len() <= 2, "workload pods gone");
+    assert!(
+        sandbox.emulator().pods_on(&node).len() <= 2,
+        "workload pods gone"
+    );
     let patches = sandbox
-        .kube
+        .emulator()
         .requests()
         .iter()
         .filter(|r| r.method == "PATCH")
@@ -124,15 +129,17 @@ async fn a_retried_event_after_a_partial_drain_finishes_the_work() -> anyhow::Re
     let sandbox = Sandbox::start(&[]).await?;
     let node = sandbox.node_name().to_owned();
     // The first delivery cordons the node, then loses the API server while listing pods.
-    sandbox.kube.inject_failures("GET", "/api/v1/pods", 503, 4);
+    sandbox
+        .emulator()
+        .inject_failures("GET", "/api/v1/pods", 503, 4);
     let first = sandbox.invoke(sandbox.spot_event("partial-1")).await?;
     assert!(matches!(first, Outcome::Error { .. }), "{first:?}");
     assert_eq!(
-        sandbox.kube.node(&node).expect("node")["spec"]["unschedulable"],
+        sandbox.emulator().node(&node).expect("node")["spec"]["unschedulable"],
         true
     );
     let patches_before = sandbox
-        .kube
+        .emulator()
         .requests()
         .iter()
         .filter(|r| r.method == "PATCH")
@@ -143,7 +150,7 @@ async fn a_retried_event_after_a_partial_drain_finishes_the_work() -> anyhow::Re
 
     assert_eq!(second.summary(), "drained");
     let patches = sandbox
-        .kube
+        .emulator()
         .requests()
         .iter()
         .filter(|r| r.method == "PATCH")
@@ -163,17 +170,17 @@ async fn a_token_refused_mid_drain_is_replaced() -> anyhow::Result<()> {
     let sandbox = Sandbox::start_with(&[], behaviour).await?;
     // The API server now refuses any token older than a second: the PDB keeps the drain
     // going for several seconds, so the function's cached token is refused mid-drain.
-    sandbox.kube.set_token_lifetime(1);
+    sandbox.emulator().set_token_lifetime(1);
 
     let outcome = sandbox.invoke(sandbox.spot_event("stale-token-1")).await?;
 
     assert_eq!(outcome.summary(), "drained");
     assert!(
-        !sandbox.kube.auth_failures().is_empty(),
+        !sandbox.emulator().auth_failures().is_empty(),
         "the token was refused at least once"
     );
     assert!(
-        sandbox.kube.tokens_seen().len() >= 2,
+        sandbox.emulator().tokens_seen().len() >= 2,
         "a fresh token followed the refusal"
     );
     Ok(())

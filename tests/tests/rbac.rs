@@ -62,7 +62,7 @@ fn permissions_are_read_like_the_authorizer_does() {
 async fn the_cluster_role_grants_exactly_what_the_function_uses() -> anyhow::Result<()> {
     let sandbox = Sandbox::start(&[]).await?;
     // A finished pod (deleted, not evicted) on the drained node.
-    sandbox.kube.world(|w| {
+    sandbox.emulator().world(|w| {
         let mut done =
             fixtures::replicaset_pod(APP_NAMESPACE, "job-1f2", 0, sandbox.node_name(), "job");
         done["status"] = json!({"phase": "Succeeded"});
@@ -73,7 +73,7 @@ async fn the_cluster_role_grants_exactly_what_the_function_uses() -> anyhow::Res
     // A node not named after its instance's PrivateDnsName: found by listing nodes.
     let instance = sandbox.managed_instance_without_node().await?;
     sandbox
-        .kube
+        .emulator()
         .world(|w| w.add_node(fixtures::node("custom-name-7", &instance.id, "us-east-1a")));
     let ev = nth_tests::sandbox::event(
         "rbac-2",
@@ -89,7 +89,7 @@ async fn the_cluster_role_grants_exactly_what_the_function_uses() -> anyhow::Res
     );
 
     let used: BTreeSet<(String, String)> = sandbox
-        .kube
+        .emulator()
         .requests()
         .iter()
         .map(|r| permission(&r.method, &r.uri))

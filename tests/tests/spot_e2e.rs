@@ -36,7 +36,7 @@ async fn spot_interruption_cordons_taints_and_drains_the_node() -> anyhow::Resul
     };
     assert_eq!(response["results"][0]["outcome"], "drained", "{response:#}");
 
-    let marked = sandbox.kube.node(&node).expect("node still exists");
+    let marked = sandbox.emulator().node(&node).expect("node still exists");
     assert_eq!(marked["spec"]["unschedulable"], true, "node is cordoned");
     let taints = marked["spec"]["taints"]
         .as_array()
@@ -52,7 +52,7 @@ async fn spot_interruption_cordons_taints_and_drains_the_node() -> anyhow::Resul
     );
 
     // Only the DaemonSet pod and the mirror pod remain; every workload pod is gone.
-    let left = sandbox.kube.pods_on(&node);
+    let left = sandbox.emulator().pods_on(&node);
     assert_eq!(
         names(&left),
         vec![
@@ -67,21 +67,21 @@ async fn spot_interruption_cordons_taints_and_drains_the_node() -> anyhow::Resul
     );
 
     // The PDB (maxUnavailable 1 over 2 pods) never had fewer than 1 healthy pod.
-    let min_healthy = sandbox.kube.world(|w| {
+    let min_healthy = sandbox.emulator().world(|w| {
         w.record
             .pdb_min_healthy
             .get(&(APP_NAMESPACE.to_owned(), PDB_NAME.to_owned()))
             .copied()
     });
     assert_eq!(min_healthy, Some(1), "PDB respected: lowest healthy count");
-    let refused = sandbox.kube.world(|w| w.record.evictions_refused);
+    let refused = sandbox.emulator().world(|w| w.record.evictions_refused);
     assert!(
         refused >= 1,
         "the second checkout pod had to wait for its budget (refusals: {refused})"
     );
 
     // `kubectl describe node` tells the story.
-    let reasons = sandbox.kube.event_reasons(&node);
+    let reasons = sandbox.emulator().event_reasons(&node);
     assert_eq!(
         reasons,
         vec!["SpotInterruption".to_owned(), "Drained".to_owned()]
@@ -89,11 +89,11 @@ async fn spot_interruption_cordons_taints_and_drains_the_node() -> anyhow::Resul
 
     // Every request carried a well-formed, correctly signed EKS token.
     assert!(
-        sandbox.kube.auth_failures().is_empty(),
+        sandbox.emulator().auth_failures().is_empty(),
         "{:?}",
-        sandbox.kube.auth_failures()
+        sandbox.emulator().auth_failures()
     );
-    let tokens = sandbox.kube.tokens_seen();
+    let tokens = sandbox.emulator().tokens_seen();
     assert!(!tokens.is_empty() && tokens.iter().all(|t| t.starts_with("k8s-aws-v1.")));
     Ok(())
 }
@@ -116,7 +116,7 @@ async fn malformed_spot_event_fails_the_invocation_naming_the_field() -> anyhow:
     assert_eq!(error_type, "MalformedEvent");
     assert!(message.contains("instance-id"), "{message}");
     // Nothing was touched.
-    let node = sandbox.kube.node(sandbox.node_name()).expect("node");
+    let node = sandbox.emulator().node(sandbox.node_name()).expect("node");
     assert!(node["spec"].get("unschedulable").is_none());
     Ok(())
 }
@@ -146,7 +146,7 @@ async fn unknown_detail_type_succeeds_with_a_logged_skip() -> anyhow::Result<()>
         .await;
     assert!(logged, "skip is logged: {:?}", sandbox.lambda.output());
     assert!(
-        sandbox.kube.requests().is_empty(),
+        sandbox.emulator().requests().is_empty(),
         "no API call for a skipped event"
     );
     Ok(())
@@ -169,7 +169,7 @@ async fn load_balancer_label_out_of_service_taint_and_exclusions_when_configured
         panic!("invocation failed: {outcome:?}");
     };
     assert_eq!(response["results"][0]["outcome"], "drained", "{response:#}");
-    let marked = sandbox.kube.node(&node).expect("node");
+    let marked = sandbox.emulator().node(&node).expect("node");
     assert_eq!(
         marked["metadata"]["labels"]["node.kubernetes.io/exclude-from-external-load-balancers"],
         "true"
@@ -183,7 +183,7 @@ async fn load_balancer_label_out_of_service_taint_and_exclusions_when_configured
         .any(|t| t["key"] == "node.kubernetes.io/out-of-service"
             && t["value"] == "nodeshutdown"
             && t["effect"] == "NoExecute"));
-    let left = names(&sandbox.kube.pods_on(&node));
+    let left = names(&sandbox.emulator().pods_on(&node));
     assert_eq!(
         left.iter().filter(|n| n.starts_with("checkout-")).count(),
         2,

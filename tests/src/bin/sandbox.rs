@@ -10,7 +10,7 @@ use serde_json::Value;
 fn print_cluster(sandbox: &Sandbox, title: &str) {
     println!("\n== {title}");
     for node in [sandbox.node_name(), SPARE_NODE] {
-        let Some(n) = sandbox.kube.node(node) else {
+        let Some(n) = sandbox.emulator().node(node) else {
             continue;
         };
         let cordoned = n
@@ -43,7 +43,7 @@ fn print_cluster(sandbox: &Sandbox, title: &str) {
                 taints.join(", ")
             }
         );
-        let mut pods = sandbox.kube.pods_on(node);
+        let mut pods = sandbox.emulator().pods_on(node);
         pods.sort_by_key(|p| {
             p["metadata"]["name"]
                 .as_str()
@@ -104,7 +104,7 @@ async fn main() -> anyhow::Result<()> {
         "\n== Events on node {} (as kubectl describe node shows them)",
         sandbox.node_name()
     );
-    let events = sandbox.kube.world(|w| w.events.clone());
+    let events = sandbox.emulator().world(|w| w.events.clone());
     for event in events
         .iter()
         .filter(|e| e["involvedObject"]["name"] == sandbox.node_name())
@@ -117,14 +117,14 @@ async fn main() -> anyhow::Result<()> {
         );
     }
 
-    let min_healthy = sandbox.kube.world(|w| {
+    let min_healthy = sandbox.emulator().world(|w| {
         w.record
             .pdb_min_healthy
             .get(&(APP_NAMESPACE.to_owned(), PDB_NAME.to_owned()))
             .copied()
     });
     let (accepted, refused) = sandbox
-        .kube
+        .emulator()
         .world(|w| (w.record.evictions_accepted, w.record.evictions_refused));
     println!(
         "\nPodDisruptionBudget {APP_NAMESPACE}/{PDB_NAME} (maxUnavailable 1 of 2): lowest healthy count {}",
@@ -132,8 +132,8 @@ async fn main() -> anyhow::Result<()> {
     );
     println!(
         "API server: {} requests, {accepted} evictions accepted, {refused} refused by the PDB, {} bad tokens",
-        sandbox.kube.requests().len(),
-        sandbox.kube.auth_failures().len()
+        sandbox.emulator().requests().len(),
+        sandbox.emulator().auth_failures().len()
     );
     if matches!(outcome, Outcome::Error { .. }) {
         anyhow::bail!("the invocation failed");

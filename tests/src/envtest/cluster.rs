@@ -327,6 +327,23 @@ impl RealCluster {
         Ok(())
     }
 
+    pub fn url(&self) -> &str {
+        &self.lease.plane.url
+    }
+
+    pub fn ca_pem(&self) -> &str {
+        &self.lease.plane.ca_pem
+    }
+
+    /// Changes a node as another client would: a strategic-merge patch.
+    pub async fn patch_node(&self, name: &str, patch: Value) -> anyhow::Result<()> {
+        Api::<Node>::all(self.client())
+            .patch(name, &PatchParams::default(), &Patch::Strategic(&patch))
+            .await
+            .with_context(|| format!("patching node {name}"))?;
+        Ok(())
+    }
+
     pub async fn node(&self, name: &str) -> anyhow::Result<Option<Value>> {
         let node = Api::<Node>::all(self.client()).get_opt(name).await?;
         Ok(node.map(serde_json::to_value).transpose()?)

@@ -199,6 +199,17 @@ impl KubeApi {
         lock(&self.world).nodes.get(name).cloned()
     }
 
+    /// Changes a node as another client would: a strategic-merge patch, through the same
+    /// write path (validation, resourceVersion) as a PATCH request.
+    pub fn patch_node(&self, name: &str, patch: &Value) -> anyhow::Result<()> {
+        lock(&self.world)
+            .write(Kind::Node, &node_key(name.to_owned()), Part::Main, |n| {
+                patch::strategic(n, patch)
+            })
+            .map(drop)
+            .map_err(|e| anyhow::anyhow!("patching node {name}: {e:?}"))
+    }
+
     pub fn pods_on(&self, node: &str) -> Vec<Value> {
         lock(&self.world)
             .pods

@@ -56,7 +56,7 @@ fn peak_rss_mib(pid: u32) -> anyhow::Result<f64> {
 
 /// Requests from the start of an invocation to its node PATCH, both emulators counted.
 fn requests_to_cordon(sandbox: &Sandbox, since: Instant) -> usize {
-    let kube = sandbox.kube.requests();
+    let kube = sandbox.emulator().requests();
     let patch_at = kube
         .iter()
         .find(|r| r.at >= since && r.method == "PATCH")
@@ -83,7 +83,7 @@ pub async fn measure(table: &mut Table) -> anyhow::Result<()> {
     // Memory while draining 110 pods (8 seeded + 102 more).
     let sandbox = Sandbox::start(&[]).await?;
     let node = sandbox.node_name().to_owned();
-    sandbox.kube.world(|w| {
+    sandbox.emulator().world(|w| {
         for i in 0..102 {
             w.add_pod(fixtures::replicaset_pod(
                 APP_NAMESPACE,
@@ -140,7 +140,7 @@ pub async fn measure(table: &mut Table) -> anyhow::Result<()> {
     let mut per_event = Vec::new();
     for nodes in [10usize, 5000] {
         let sandbox = Sandbox::start(&[]).await?;
-        sandbox.kube.world(|w| {
+        sandbox.emulator().world(|w| {
             for n in 0..nodes.saturating_sub(2) {
                 let name = format!("ip-10-1-{}-{}.ec2.internal", n / 250, n % 250);
                 w.add_node(fixtures::node(&name, &format!("i-{n:017x}"), "us-east-1c"));
@@ -149,7 +149,7 @@ pub async fn measure(table: &mut Table) -> anyhow::Result<()> {
         let since = Instant::now();
         invoke_ok(&sandbox, sandbox.spot_event("bench-scale")).await?;
         let kube = sandbox
-            .kube
+            .emulator()
             .requests()
             .iter()
             .filter(|r| r.at >= since)
