@@ -153,6 +153,20 @@ impl Cluster {
         }
     }
 
+    /// The Events about `node`, oldest first, as `kubectl describe node` shows them.
+    pub async fn events_about(&self, node: &str) -> anyhow::Result<Vec<Value>> {
+        match self {
+            Self::Emulator(api) => Ok(api.world(|w| {
+                w.events
+                    .iter()
+                    .filter(|e| e["involvedObject"]["name"] == node)
+                    .cloned()
+                    .collect()
+            })),
+            Self::Real(real) => real.events_about(node).await,
+        }
+    }
+
     /// The fewest healthy pods a budget's selector had at any moment of the test.
     pub fn pdb_min_healthy(&self, namespace: &str, name: &str) -> Option<i64> {
         match self {

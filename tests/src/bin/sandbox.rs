@@ -1,16 +1,19 @@
 //! The README's first command: a Spot interruption through the real `nth-lambda` binary on
-//! emulated AWS (moto) and Kubernetes, showing the nodes and pods before and after.
+//! emulated AWS (moto) and Kubernetes, showing the nodes and pods before and after. With
+//! `--real`, Kubernetes is a real control plane from `KUBEBUILDER_ASSETS` instead.
 
 use anyhow::Context;
+use nth_tests::cluster::Backend;
+use nth_tests::fixtures::foreign_marks_kept;
 use nth_tests::kube::state::{is_ready, is_terminating};
 use nth_tests::runtime_api::Outcome;
-use nth_tests::sandbox::{Sandbox, APP_NAMESPACE, PDB_NAME, SPARE_NODE};
+use nth_tests::sandbox::{sandbox_behaviour, Sandbox, APP_NAMESPACE, PDB_NAME, SPARE_NODE};
 use serde_json::Value;
 
-fn print_cluster(sandbox: &Sandbox, title: &str) {
+async fn print_cluster(sandbox: &Sandbox, title: &str) -> anyhow::Result<()> {
     println!("\n== {title}");
     for node in [sandbox.node_name(), SPARE_NODE] {
-        let Some(n) = sandbox.emulator().node(node) else {
+        let Some(n) = sandbox.kube.node(node).await? else {
             continue;
         };
         let cordoned = n
@@ -43,7 +46,7 @@ fn print_cluster(sandbox: &Sandbox, title: &str) {
                 taints.join(", ")
             }
         );
-        let mut pods = sandbox.emulator().pods_on(node);
+        let mut pods = sandbox.kube.pods_on(node).await?;
         pods.sort_by_key(|p| {
             p["metadata"]["name"]
                 .as_str()
@@ -65,19 +68,31 @@ fn print_cluster(sandbox: &Sandbox, title: &str) {
             );
         }
     }
+    Ok(())
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    println!("starting moto, the Kubernetes API emulator and nth-lambda under the Runtime API emulator...");
-    let sandbox = Sandbox::start(&[]).await.context("starting the sandbox")?;
+    let backend = if std::env::args().any(|a| a == "--real") {
+        if !Backend::real_available()? {
+            anyhow::bail!("--real needs KUBEBUILDER_ASSETS: a folder with etcd, kube-apiserver and kube-controller-manager (setup-envtest)");
+        }
+        println!("starting moto, a real Kubernetes control plane (KUBEBUILDER_ASSETS) and nth-lambda under the Runtime API emulator...");
+        Backend::Real
+    } else {
+        println!("starting moto, the Kubernetes API emulator and nth-lambda under the Runtime API emulator...");
+        Backend::Emulator
+    };
+    let sandbox = Sandbox::start_on(backend, &[], sandbox_behaviour())
+        .await
+        .context("starting the sandbox")?;
     println!(
         "instance {} ({}) is node {}",
         sandbox.instance.id,
         sandbox.instance.availability_zone,
         sandbox.node_name()
     );
-    print_cluster(&sandbox, "before");
+    print_cluster(&sandbox, "before").await?;
 
     let event = sandbox.spot_event("1e5527d7-bb36-4607-3370-4164db56a40e");
     println!(
@@ -98,17 +113,24 @@ async fn main() -> anyhow::Result<()> {
             message,
         } => println!("ERROR {error_type}: {message}"),
     }
-    print_cluster(&sandbox, "after");
+    print_cluster(&sandbox, "after").await?;
+    let node = sandbox
+        .kube
+        .node(sandbox.node_name())
+        .await?
+        .unwrap_or_default();
+    match foreign_marks_kept(&node) {
+        Ok(()) => println!(
+            "\nother owners' taints (dedicated, nvidia.com/gpu), label and annotation: kept"
+        ),
+        Err(lost) => println!("\nLOST: {lost}"),
+    }
 
     println!(
         "\n== Events on node {} (as kubectl describe node shows them)",
         sandbox.node_name()
     );
-    let events = sandbox.emulator().world(|w| w.events.clone());
-    for event in events
-        .iter()
-        .filter(|e| e["involvedObject"]["name"] == sandbox.node_name())
-    {
+    for event in sandbox.kube.events_about(sandbox.node_name()).await? {
         println!(
             "    {:<8} {:<20} {}",
             event["type"].as_str().unwrap_or_default(),
@@ -117,24 +139,22 @@ async fn main() -> anyhow::Result<()> {
         );
     }
 
-    let min_healthy = sandbox.emulator().world(|w| {
-        w.record
-            .pdb_min_healthy
-            .get(&(APP_NAMESPACE.to_owned(), PDB_NAME.to_owned()))
-            .copied()
-    });
-    let (accepted, refused) = sandbox
-        .emulator()
-        .world(|w| (w.record.evictions_accepted, w.record.evictions_refused));
     println!(
         "\nPodDisruptionBudget {APP_NAMESPACE}/{PDB_NAME} (maxUnavailable 1 of 2): lowest healthy count {}",
-        min_healthy.map_or("-".to_owned(), |n| n.to_string())
+        sandbox
+            .kube
+            .pdb_min_healthy(APP_NAMESPACE, PDB_NAME)
+            .map_or("-".to_owned(), |n| n.to_string())
     );
-    println!(
-        "API server: {} requests, {accepted} evictions accepted, {refused} refused by the PDB, {} bad tokens",
-        sandbox.emulator().requests().len(),
-        sandbox.emulator().auth_failures().len()
-    );
+    if let Some(emulator) = sandbox.kube.emulator() {
+        let (accepted, refused) =
+            emulator.world(|w| (w.record.evictions_accepted, w.record.evictions_refused));
+        println!(
+            "API server: {} requests, {accepted} evictions accepted, {refused} refused by the PDB, {} bad tokens",
+            emulator.requests().len(),
+            emulator.auth_failures().len()
+        );
+    }
     if matches!(outcome, Outcome::Error { .. }) {
         anyhow::bail!("the invocation failed");
     }

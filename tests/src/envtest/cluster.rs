@@ -153,6 +153,9 @@ fn resource_version<K: Resource>(object: &K) -> u64 {
         .unwrap_or(0)
 }
 
+/// The taint the API server puts on every new node until it is Ready.
+const NOT_READY_TAINT: &str = "node.kubernetes.io/not-ready";
+
 /// The real cluster as a test sees it through its lease, with the emulator's seeding and
 /// reading operations. Pods are played by a kubelet stand-in following the lease's
 /// [`Behaviour`].
@@ -181,6 +184,10 @@ impl RealCluster {
     }
 
     /// Creates the node, then writes its status, which a create drops.
+    /// Creates the node, then writes its status, which a create drops. The API server's
+    /// admission taints every new node `node.kubernetes.io/not-ready`; the node lifecycle
+    /// controller (not run here) lifts it once the node is Ready, so the rig does that too,
+    /// leaving the node as a Ready node of a real cluster is.
     pub async fn add_node(&self, mut node: Value) -> anyhow::Result<()> {
         let status = node.as_object_mut().and_then(|n| n.remove("status"));
         let api: Api<Node> = Api::all(self.client());
@@ -188,15 +195,40 @@ impl RealCluster {
             .create(&PostParams::default(), &serde_json::from_value(node)?)
             .await
             .context("creating the node")?;
-        if let Some(status) = status {
-            let name = created.metadata.name.unwrap_or_default();
-            api.patch_status(
+        let name = created.metadata.name.clone().unwrap_or_default();
+        let Some(status) = status else {
+            return Ok(());
+        };
+        let ready = status["conditions"].as_array().is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        });
+        let written = api
+            .patch_status(
                 &name,
                 &PatchParams::default(),
                 &Patch::Merge(json!({"status": status})),
             )
             .await
             .with_context(|| format!("writing node {name}'s status"))?;
+        if ready {
+            let taints: Vec<_> = written
+                .spec
+                .and_then(|s| s.taints)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|t| t.key != NOT_READY_TAINT)
+                .collect();
+            api.patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Strategic(json!({
+                    "metadata": {"resourceVersion": written.metadata.resource_version},
+                    "spec": {"taints": taints},
+                })),
+            )
+            .await
+            .with_context(|| format!("lifting node {name}'s not-ready taint"))?;
         }
         Ok(())
     }
@@ -363,11 +395,24 @@ impl RealCluster {
     /// The reasons of the events about `node`, oldest first, as `kubectl describe node`
     /// lists them.
     pub async fn event_reasons(&self, node: &str) -> anyhow::Result<Vec<String>> {
+        Ok(self
+            .events_about(node)
+            .await?
+            .iter()
+            .filter_map(|e| e["reason"].as_str().map(str::to_owned))
+            .collect())
+    }
+
+    /// The events about `node`, oldest first.
+    pub async fn events_about(&self, node: &str) -> anyhow::Result<Vec<Value>> {
         let about = ListParams::default().fields(&format!("involvedObject.name={node}"));
         let mut events = Api::<Event>::all(self.client()).list(&about).await?.items;
         // Creation order: timestamps have one-second resolution, revisions do not tie.
         events.sort_by_key(resource_version);
-        Ok(events.into_iter().filter_map(|e| e.reason).collect())
+        Ok(events
+            .iter()
+            .map(serde_json::to_value)
+            .collect::<Result<_, _>>()?)
     }
 
     /// The fewest healthy (Ready, not terminating) pods the budget's selector had at any
