@@ -41,6 +41,10 @@ const INTERRUPTIONS_AT_ONCE: usize = 16;
 /// join, so a few seconds of lag cost nothing, and one GET per poll is all it costs.
 const LAUNCH_POLL_INTERVAL: Duration = Duration::from_secs(5);
 
+/// Of the launch polls, one in this many also lists nodes to find one named otherwise than
+/// its PrivateDnsName: every 30 s, a lag nobody waiting a minute for a node notices.
+const LAUNCH_LISTS_EVERY: u32 = 6;
+
 #[derive(Debug, thiserror::Error)]
 pub enum HandleError {
     #[error(transparent)]
@@ -434,7 +438,15 @@ impl Handler {
                 Step::NeverJoined(why) => {
                     format!("not completed: {why}; the hook's default result applies")
                 }
-                Step::Done(_) | Step::DrainFailed(_) => {
+                // A blip is no reason to let the instance go undrained: the invocation fails,
+                // Lambda retries it, and the retry drains and completes. Only a failure no
+                // retry can mend (a refused permission) releases the hook now.
+                Step::DrainFailed {
+                    transient: true, ..
+                } => "not completed: the drain failed on a transient error; the invocation \
+                      fails and its retry completes it"
+                    .to_owned(),
+                Step::Done(_) | Step::DrainFailed { .. } => {
                     let completion = self
                         .lifecycle
                         .complete(&interruption.instance_id, lifecycle, CONTINUE)
@@ -448,7 +460,7 @@ impl Handler {
             | Step::NotOurs(what)
             | Step::NeverJoined(what)
             | Step::Continues(what) => what,
-            Step::DrainFailed(error) => return Err(StepError::new("drain", &error)),
+            Step::DrainFailed { message, .. } => return Err(StepError::new("drain", &message)),
         };
         info!(outcome = %what, action = %result.action, lifecycle = result.lifecycle.as_deref().unwrap_or("none"), "interruption handled");
         result.outcome = what;
@@ -463,7 +475,10 @@ impl Handler {
         run: &Run<'_>,
         result: &mut InterruptionResult,
     ) -> Result<Prepared, StepError> {
-        if *action == Action::Ignore {
+        // An ignored lifecycle action is still completed at once, but only for an instance
+        // this deployment serves: another team's hook is never released by us.
+        let ignored = *action == Action::Ignore;
+        if ignored && interruption.lifecycle.is_none() {
             return Ok(Prepared::from(Step::Done("ignored by policy".into())));
         }
         let Some(instance) = self.resolver.describe(&interruption.instance_id).await? else {
@@ -480,6 +495,11 @@ impl Handler {
                     "instance and its group lack the managed tag {tag}"
                 ))));
             }
+        }
+        if ignored {
+            return Ok(Prepared::from(Step::Done(
+                "ignored by policy; lifecycle action completed at once".into(),
+            )));
         }
         let likely_name = instance.private_dns_name.as_deref();
         if *action == Action::WaitReady {
@@ -626,8 +646,11 @@ impl Handler {
         let report = match drained {
             Ok(report) => report,
             Err(error) => {
-                warn!(%error, "drain failed");
-                return Ok(Step::DrainFailed(error.to_string()));
+                warn!(%error, transient = error.is_transient(), "drain failed");
+                return Ok(Step::DrainFailed {
+                    transient: error.is_transient(),
+                    message: error.to_string(),
+                });
             }
         };
         if !report.complete && !self.policy.dry_run && window.may_continue {
@@ -717,11 +740,23 @@ impl Handler {
         result: &mut InterruptionResult,
     ) -> Result<Step, StepError> {
         let give_up = invocation_end - INVOCATION_MARGIN;
+        let mut polls: u32 = 0;
         loop {
-            let node = match likely_name {
-                Some(name) => cluster.marker.get(name).await,
-                None => cluster.marker.find(&interruption.instance_id, None).await,
+            // A node named otherwise than its PrivateDnsName (hostname-override, Bottlerocket,
+            // kops) is found by its providerID, as every other path finds it; that needs a
+            // LIST, so it is made only every few polls, not every five seconds.
+            let node = if polls.is_multiple_of(LAUNCH_LISTS_EVERY) {
+                cluster
+                    .marker
+                    .find(&interruption.instance_id, likely_name)
+                    .await
+            } else {
+                match likely_name {
+                    Some(name) => cluster.marker.get(name).await,
+                    None => Ok(None),
+                }
             }?;
+            polls += 1;
             let joined = node.filter(|n| {
                 n.spec
                     .as_ref()
@@ -797,9 +832,10 @@ enum Step {
     NeverJoined(String),
     /// The drain goes on in another invocation, which answers any lifecycle action.
     Continues(String),
-    /// The drain could not run; the invocation fails (after any lifecycle completion) so
-    /// that Lambda retries it.
-    DrainFailed(String),
+    /// The drain could not run; the invocation fails so that Lambda retries it. A lifecycle
+    /// action is completed first only when the failure is not `transient`: a retry would
+    /// meet it again.
+    DrainFailed { transient: bool, message: String },
 }
 
 /// A continued drain is worth an invocation only if it has at least this long beyond the

@@ -89,6 +89,20 @@ pub enum DrainError {
     },
 }
 
+impl DrainError {
+    /// Would trying again later likely succeed? A refused token or permission (401, 403)
+    /// and a node that is gone (404) would be refused again; anything else (a 5xx, a 429
+    /// from API priority and fairness, a dropped connection) is the API server's trouble.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::ListPods { source, .. } => !matches!(
+                source,
+                kube::Error::Api(status) if matches!(status.code, 401 | 403 | 404)
+            ),
+        }
+    }
+}
+
 /// A pod, as the report names it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct PodRef {

@@ -1,0 +1,172 @@
+//! Auto Scaling lifecycle hooks through the real `nth-lambda` binary: never another team's
+//! hook released, never a hook released early because of a blip, and a launch whose node is
+//! named otherwise than its PrivateDnsName still found (issue 14, items 1-3).
+
+use std::time::Duration;
+
+use nth_tests::fixtures;
+use nth_tests::moto::Instance;
+use nth_tests::on_both_backends;
+use nth_tests::runtime_api::Outcome;
+use nth_tests::sandbox::{event, sandbox_behaviour, Sandbox, MANAGED_TAG};
+use serde_json::{json, Value};
+
+const GROUP: &str = "eks-workers-b";
+const TOKEN: &str = "6c1c9ea5-0f1e-4a0e-9a51-0c0e8f8f1b2a";
+
+fn lifecycle_event(id: &str, instance_id: &str, launch: bool) -> Value {
+    let (detail_type, transition, hook) = if launch {
+        (
+            "EC2 Instance-launch Lifecycle Action",
+            "autoscaling:EC2_INSTANCE_LAUNCHING",
+            "node-join",
+        )
+    } else {
+        (
+            "EC2 Instance-terminate Lifecycle Action",
+            "autoscaling:EC2_INSTANCE_TERMINATING",
+            "node-drain",
+        )
+    };
+    event(
+        id,
+        "aws.autoscaling",
+        detail_type,
+        instance_id,
+        json!({
+            "LifecycleActionToken": TOKEN, "AutoScalingGroupName": GROUP, "LifecycleHookName": hook,
+            "EC2InstanceId": instance_id, "LifecycleTransition": transition,
+            "Origin": "AutoScalingGroup", "Destination": "EC2",
+        }),
+    )
+}
+
+fn response(outcome: Outcome, sandbox: &Sandbox) -> Value {
+    match outcome {
+        Outcome::Response(v) => v,
+        Outcome::Error {
+            error_type,
+            message,
+        } => panic!(
+            "invocation failed: {error_type}: {message}\nlogs:\n{}",
+            sandbox.lambda.output().join("\n")
+        ),
+    }
+}
+
+/// Another team's instance: tagged for another cluster, without nth's managed tag.
+async fn foreign_instance(sandbox: &Sandbox) -> anyhow::Result<Instance> {
+    sandbox
+        .moto
+        .run_instance("us-east-1b", &[("eks:cluster-name", "payments")])
+        .await
+}
+
+on_both_backends! {
+    async fn an_ignored_lifecycle_action_is_completed_only_for_our_own_instances(backend: Backend) -> anyhow::Result<()> {
+        let sandbox = Sandbox::start_on(
+            backend,
+            &[("ACTIONS", "asg-termination=ignore,asg-launch=ignore")],
+            sandbox_behaviour(),
+        )
+        .await?;
+        let theirs = foreign_instance(&sandbox).await?;
+        for (id, launch) in [("ig-1", false), ("ig-2", true)] {
+            sandbox.aws.add_pending(GROUP, if launch { "node-join" } else { "node-drain" }, &theirs.id, TOKEN);
+            let r = response(sandbox.invoke(lifecycle_event(id, &theirs.id, launch)).await?, &sandbox);
+            assert!(
+                r["results"][0]["lifecycle"].as_str().is_some_and(|l| l.contains("not completed")),
+                "{r:#}"
+            );
+        }
+        assert!(sandbox.aws.calls().is_empty(), "another team's hooks are theirs to complete: {:?}", sandbox.aws.calls());
+
+        // Our own instance: `ignore` means "complete at once", and the node is left alone.
+        let ours = &sandbox.instance;
+        sandbox.aws.add_pending(GROUP, "node-drain", &ours.id, TOKEN);
+        let r = response(sandbox.invoke(lifecycle_event("ig-3", &ours.id, false)).await?, &sandbox);
+        assert_eq!(r["results"][0]["lifecycle"], "completed", "{r:#}");
+        let calls = sandbox.aws.calls();
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].instance_id, ours.id);
+        assert_eq!(calls[0].result.as_deref(), Some("CONTINUE"));
+        let node = sandbox.kube.node(sandbox.node_name()).await?.expect("node");
+        assert_ne!(node["spec"]["unschedulable"], true, "ignored: not cordoned");
+        Ok(())
+    }
+}
+
+// Emulator only: fails the drain's pod LISTs with injected 503s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transient_drain_failure_fails_the_invocation_without_releasing_the_hook(
+) -> anyhow::Result<()> {
+    let sandbox = Sandbox::start(&[]).await?;
+    let instance = sandbox.instance.id.clone();
+    sandbox
+        .aws
+        .add_pending(GROUP, "node-drain", &instance, TOKEN);
+    // Every attempt of the drain's first pod LIST fails, as an API server restarting does.
+    sandbox.emulator().inject_failures("GET", "/pods", 503, 4);
+
+    let first = sandbox
+        .invoke(lifecycle_event("blip-1", &instance, false))
+        .await?;
+    let Outcome::Error { message, .. } = &first else {
+        panic!("a failed drain must fail the invocation so that Lambda retries it: {first:?}");
+    };
+    assert!(message.contains("listing pods"), "{message}");
+    assert!(
+        sandbox
+            .aws
+            .calls()
+            .iter()
+            .all(|c| c.action != "CompleteLifecycleAction"),
+        "the hook is not released with nothing drained: {:?}",
+        sandbox.aws.calls()
+    );
+
+    // Lambda's retry of the same event drains the node and completes the action.
+    let retry = response(
+        sandbox
+            .invoke(lifecycle_event("blip-1", &instance, false))
+            .await?,
+        &sandbox,
+    );
+    assert_eq!(retry["results"][0]["outcome"], "drained", "{retry:#}");
+    assert_eq!(retry["results"][0]["lifecycle"], "completed");
+    let completions: Vec<_> = sandbox
+        .aws
+        .calls()
+        .into_iter()
+        .filter(|c| c.action == "CompleteLifecycleAction")
+        .collect();
+    assert_eq!(completions.len(), 1);
+    assert_eq!(completions[0].result.as_deref(), Some("CONTINUE"));
+    Ok(())
+}
+
+on_both_backends! {
+    async fn a_launch_finds_a_node_named_otherwise_by_its_provider_id(backend: Backend) -> anyhow::Result<()> {
+        let sandbox = Sandbox::start_on(backend, &[], sandbox_behaviour()).await?;
+        let instance = sandbox
+            .moto
+            .run_instance("us-east-1a", &[("eks:cluster-name", nth_tests::sandbox::CLUSTER), (MANAGED_TAG, "true")])
+            .await?;
+        // As Bottlerocket names nodes: after the instance id, not the PrivateDnsName.
+        sandbox
+            .kube
+            .add_node(fixtures::node(&instance.id, &instance.id, &instance.availability_zone))
+            .await?;
+        sandbox.aws.add_pending(GROUP, "node-join", &instance.id, TOKEN);
+
+        let r = response(
+            sandbox.runtime.invoke(lifecycle_event("ln-named", &instance.id, true), Duration::from_secs(60)).await?,
+            &sandbox,
+        );
+
+        assert_eq!(r["results"][0]["outcome"], "node-ready", "{r:#}");
+        assert_eq!(r["results"][0]["node"], instance.id.as_str());
+        assert_eq!(r["results"][0]["lifecycle"], "completed");
+        Ok(())
+    }
+}
