@@ -166,6 +166,9 @@ pub struct Handler {
     /// Where EMF metrics go; `None` outside Lambda.
     pub metrics_namespace: Option<String>,
     pub webhook: Option<Webhook>,
+    /// Why the configured webhook could not be set up, if it could not: the function works
+    /// without it, and says so in every invocation's log and metrics.
+    pub webhook_unavailable: Option<String>,
     /// For the calls made without an SDK client (continuing a drain).
     pub aws: aws_config::SdkConfig,
     /// How long one node's drain may go on across invocations (MAX_DRAIN_SECONDS).
@@ -239,7 +242,7 @@ impl Handler {
         let parsed = match eventbridge::parse(event) {
             Ok(parsed) => parsed,
             Err(error) => {
-                self.emit_metrics(&Metrics::parse_error());
+                self.emit_metrics(Metrics::parse_error());
                 return Err(error.into());
             }
         };
@@ -253,7 +256,7 @@ impl Handler {
         let interruptions = match parsed {
             Parsed::Skipped(reason) => {
                 warn!(%reason, "event skipped");
-                self.emit_metrics(&Metrics::from_results("skipped", &[], &[]));
+                self.emit_metrics(Metrics::from_results("skipped", &[], &[]));
                 return Ok(Outcome {
                     skipped: Some(reason),
                     results: Vec::new(),
@@ -323,7 +326,7 @@ impl Handler {
                 Err(failure) => failures.push(failure),
             }
         }
-        self.emit_metrics(&Metrics::from_results(kind, &results, &failures));
+        self.emit_metrics(Metrics::from_results(kind, &results, &failures));
         if failures.is_empty() {
             Ok(Outcome {
                 skipped: None,
@@ -367,7 +370,11 @@ impl Handler {
 
     /// Writes the invocation's EMF line to standard output, where Lambda's log capture
     /// takes it to CloudWatch Logs; off outside Lambda (standard output is the result there).
-    fn emit_metrics(&self, metrics: &Metrics) {
+    fn emit_metrics(&self, mut metrics: Metrics) {
+        if let Some(reason) = &self.webhook_unavailable {
+            warn!(%reason, "webhook unavailable: no notices are sent from this container");
+            metrics.webhook_unavailable = 1;
+        }
         if let Some(namespace) = &self.metrics_namespace {
             println!(
                 "{}",

@@ -20,7 +20,7 @@ use aws_config::BehaviorVersion;
 use nth_core::{Webhook, WebhookSettings};
 
 use crate::clusters::{Cluster, Clusters, Discovery, Served};
-use crate::config::{ClusterAccess, Config, WebhookUrl};
+use crate::config::{ClusterAccess, Config, WebhookConfig, WebhookUrl};
 use crate::handler::Handler;
 use crate::lifecycle::Lifecycle;
 use crate::resolve::Resolver;
@@ -88,22 +88,17 @@ pub async fn build_handler(config: Config) -> Result<Handler, SetupError> {
         drain: config.drain.clone(),
     };
     let asg = aws_sdk_autoscaling::Client::new(&aws);
-    let webhook = match config.webhook {
-        Some(hook) => {
-            let url = match hook.url {
-                WebhookUrl::Plain(url) => url,
-                WebhookUrl::Secret(arn) => secret::webhook_url(&aws, &arn).await?,
-            };
-            let settings = WebhookSettings {
-                url,
-                headers: hook.headers,
-                format: hook.format,
-                template: hook.template,
-                timeout: nth_core::notify::DEFAULT_TIMEOUT,
-            };
-            Some(Webhook::new(settings).map_err(SetupError::Webhook)?)
-        }
-        None => None,
+    // A webhook is a convenience: one that cannot be set up (its secret missing, KMS or IAM
+    // refusing, no route to Secrets Manager) must never stop the draining.
+    let (webhook, webhook_unavailable) = match config.webhook {
+        Some(hook) => match webhook(&aws, hook).await {
+            Ok(webhook) => (Some(webhook), None),
+            Err(error) => {
+                tracing::error!(%error, "webhook unavailable; draining goes on without notices");
+                (None, Some(error.to_string()))
+            }
+        },
+        None => (None, None),
     };
     Ok(Handler {
         clusters: Clusters::new(config.clusters, fixed, discovery),
@@ -112,9 +107,25 @@ pub async fn build_handler(config: Config) -> Result<Handler, SetupError> {
         resolver: Resolver::new(aws_sdk_ec2::Client::new(&aws), asg.clone()),
         metrics_namespace: config.metrics_namespace,
         webhook,
+        webhook_unavailable,
         lifecycle: Lifecycle::new(asg, config.policy.dry_run, config.heartbeat_interval),
         policy: config.policy,
         aws,
         max_drain: chrono::TimeDelta::from_std(config.max_drain).unwrap_or(chrono::TimeDelta::MAX),
     })
+}
+
+async fn webhook(aws: &aws_config::SdkConfig, hook: WebhookConfig) -> Result<Webhook, SetupError> {
+    let url = match hook.url {
+        WebhookUrl::Plain(url) => url,
+        WebhookUrl::Secret(arn) => secret::webhook_url(aws, &arn).await?,
+    };
+    let settings = WebhookSettings {
+        url,
+        headers: hook.headers,
+        format: hook.format,
+        template: hook.template,
+        timeout: nth_core::notify::DEFAULT_TIMEOUT,
+    };
+    Webhook::new(settings).map_err(SetupError::Webhook)
 }

@@ -25,6 +25,9 @@ pub struct Metrics {
     pub errors: u64,
     /// Where the errors happened (`parse`, `resolve`, `node`, `drain`, `lifecycle`).
     pub error_stages: Vec<&'static str>,
+    /// 1 when the configured webhook could not be set up in this container: notices are not
+    /// sent, so an alarm on it tells the operator what logs alone would hide.
+    pub webhook_unavailable: u64,
 }
 
 impl Metrics {
@@ -75,7 +78,7 @@ impl Metrics {
     /// The EMF document: metrics under the `Kind` dimension, and the error stages as a
     /// property that CloudWatch Logs Insights can group by.
     pub fn to_emf(&self, namespace: &str, timestamp_ms: i64) -> Value {
-        let counts: [(&str, u64); 9] = [
+        let counts: [(&str, u64); 10] = [
             ("Interruptions", self.interruptions),
             ("NodesCordoned", self.nodes_cordoned),
             ("NodesDrained", self.nodes_drained),
@@ -84,6 +87,7 @@ impl Metrics {
             ("PodsLeft", self.pods_left),
             ("LifecycleCompletions", self.lifecycle_completions),
             ("Errors", self.errors),
+            ("WebhookUnavailable", self.webhook_unavailable),
             ("Invocations", 1),
         ];
         let mut definitions: Vec<Value> = counts

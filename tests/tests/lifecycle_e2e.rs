@@ -1,6 +1,7 @@
 //! Auto Scaling lifecycle hooks through the real `nth-lambda` binary: never another team's
-//! hook released, never a hook released early because of a blip, and a launch whose node is
-//! named otherwise than its PrivateDnsName still found (issue 14, items 1-3).
+//! hook released, never a hook released early because of a blip, a launch whose node is
+//! named otherwise than its PrivateDnsName still found, and no drain stopped by a webhook
+//! that cannot be set up.
 
 use std::time::Duration;
 
@@ -169,4 +170,34 @@ on_both_backends! {
         assert_eq!(r["results"][0]["lifecycle"], "completed");
         Ok(())
     }
+}
+
+// Emulator only: what is under test is the function's set-up, not Kubernetes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_secret_that_cannot_be_read_never_stops_a_drain() -> anyhow::Result<()> {
+    let missing = "arn:aws:secretsmanager:us-east-1:123456789012:secret:nth/gone-AbCdEf";
+    let sandbox = Sandbox::start(&[("WEBHOOK_URL_SECRET_ARN", missing)]).await?;
+
+    let r = response(
+        sandbox.invoke(sandbox.spot_event("no-hook-1")).await?,
+        &sandbox,
+    );
+
+    assert_eq!(r["results"][0]["outcome"], "drained", "{r:#}");
+    let logged = sandbox
+        .lambda
+        .wait_for_line(|l| l.contains("webhook unavailable") && l.contains("nth/gone"))
+        .await;
+    assert!(
+        logged,
+        "the reason is logged: {:?}",
+        sandbox.lambda.output()
+    );
+    let counted = sandbox
+        .lambda
+        .output()
+        .iter()
+        .any(|l| serde_json::from_str::<Value>(l).is_ok_and(|v| v["WebhookUnavailable"] == 1));
+    assert!(counted, "and counted in the invocation's metrics");
+    Ok(())
 }
