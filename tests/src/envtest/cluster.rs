@@ -434,4 +434,39 @@ impl RealCluster {
     pub fn auth_failures(&self) -> Vec<String> {
         self.lease.plane.authn.seen().failures.clone()
     }
+
+    /// Writes node status as the kubelet does: a merge patch of the status subresource
+    /// (`{"status": {...}}`), the only write that changes it.
+    pub async fn patch_node_status(&self, name: &str, patch: Value) -> anyhow::Result<()> {
+        Api::<Node>::all(self.client())
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .with_context(|| format!("writing node {name}'s status"))?;
+        Ok(())
+    }
+
+    /// Deletes a pod as `kubectl delete pod` does, with `grace` seconds (the pod's own
+    /// when `None`): it stays, terminating, until the kubelet stand-in removes it.
+    pub async fn delete_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        grace: Option<i64>,
+    ) -> anyhow::Result<()> {
+        let params = DeleteParams {
+            grace_period_seconds: grace.and_then(|g| u32::try_from(g).ok()),
+            ..DeleteParams::default()
+        };
+        Api::<Pod>::namespaced(self.client(), namespace)
+            .delete(name, &params)
+            .await
+            .with_context(|| format!("deleting pod {namespace}/{name}"))?;
+        Ok(())
+    }
+
+    /// The pods that began terminating during the lease, in the order the pod watch saw
+    /// it, with their `deletionGracePeriodSeconds` (0 for a pod deleted at once).
+    pub fn terminations(&self) -> Vec<(Key, Option<i64>)> {
+        self.observer.terminations()
+    }
 }
