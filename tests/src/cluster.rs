@@ -285,6 +285,18 @@ impl Cluster {
             Self::Real(real) => real.terminations(),
         }
     }
+
+    /// Deletes a namespace: evictions there are refused from then on, and the namespace
+    /// controller deletes its pods after `lag`.
+    pub async fn terminate_namespace(&self, namespace: &str, lag: Duration) -> anyhow::Result<()> {
+        match self {
+            Self::Emulator(api) => {
+                api.terminate_namespace(namespace, lag);
+                Ok(())
+            }
+            Self::Real(real) => real.terminate_namespace(namespace, lag).await,
+        }
+    }
 }
 
 /// Runs an async test body once on each backend: `<name>::emulator` and `<name>::real`. The

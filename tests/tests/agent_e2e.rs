@@ -64,8 +64,14 @@ impl World {
         agent_pod["metadata"]["labels"] = json!({"app.kubernetes.io/name": "nth-agent"});
         kube.add_pod(agent_pod).await?;
         for i in 0..4 {
-            kube.add_pod(fixtures::replicaset_pod("shop", "web-5d9f7", i, NODE, "web"))
-                .await?;
+            kube.add_pod(fixtures::replicaset_pod(
+                "shop",
+                "web-5d9f7",
+                i,
+                NODE,
+                "web",
+            ))
+            .await?;
         }
         let imds = ImdsEmulator::start(INSTANCE, ZONE).await?;
         let dir = tempfile::tempdir()?;

@@ -469,4 +469,40 @@ impl RealCluster {
     pub fn terminations(&self) -> Vec<(Key, Option<i64>)> {
         self.observer.terminations()
     }
+
+    /// Deletes the namespace (it turns Terminating: new objects there, evictions included,
+    /// are refused) and, after `lag`, does the namespace controller's part, which does not
+    /// run here: deletes its pods gracefully, then finalizes it once they are gone.
+    pub async fn terminate_namespace(&self, namespace: &str, lag: Duration) -> anyhow::Result<()> {
+        let namespaces: Api<Namespace> = Api::all(self.client());
+        namespaces
+            .delete(namespace, &DeleteParams::default())
+            .await
+            .with_context(|| format!("deleting namespace {namespace}"))?;
+        lock(&self.lease.plane.namespaces).remove(namespace);
+        let pods: Api<Pod> = Api::namespaced(self.client(), namespace);
+        let name = namespace.to_owned();
+        tokio::spawn(async move {
+            tokio::time::sleep(lag).await;
+            let everything = ListParams::default();
+            let _best_effort = pods
+                .delete_collection(&DeleteParams::default(), &everything)
+                .await;
+            while pods
+                .list(&everything)
+                .await
+                .is_ok_and(|l| !l.items.is_empty())
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let finalized = json!({
+                "apiVersion": "v1", "kind": "Namespace",
+                "metadata": {"name": name}, "spec": {"finalizers": []},
+            });
+            let _best_effort = namespaces
+                .replace_subresource("finalize", &name, &PostParams::default(), &finalized)
+                .await;
+        });
+        Ok(())
+    }
 }
