@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::envtest::{ControlPlane, RealCluster};
-use crate::kube::{AuthConfig, Behaviour, KubeApi};
+use crate::kube::{AuthConfig, Behaviour, Key, KubeApi};
 
 /// Which Kubernetes a test runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,6 +214,87 @@ impl Cluster {
                 None if start.elapsed() >= patience => anyhow::bail!("node {name} is gone"),
                 _ => tokio::time::sleep(Duration::from_millis(50)).await,
             }
+        }
+    }
+
+    /// A kubeconfig for nth-agent: on the emulator an EKS token for `cluster`; on the real
+    /// server the agent's own ServiceAccount, judged by cluster-agent/deploy/rbac.yaml.
+    pub fn agent_kubeconfig(&self, cluster: &str) -> anyhow::Result<Value> {
+        match self {
+            Self::Emulator(api) => crate::kube::kubeconfig(api, cluster),
+            Self::Real(real) => Ok(real.plane().agent_kubeconfig()),
+        }
+    }
+
+    /// Writes node status as the kubelet does (a new `nodeInfo.bootID` after a reboot):
+    /// `patch` (`{"status": {...}}`) merged through the status subresource.
+    pub async fn patch_node_status(&self, name: &str, patch: Value) -> anyhow::Result<()> {
+        match self {
+            Self::Emulator(api) => api
+                .world(|w| {
+                    w.write(
+                        crate::kube::Kind::Node,
+                        &(String::new(), name.to_owned()),
+                        crate::kube::Part::Status,
+                        |node| {
+                            crate::kube::patch::merge(node, &patch);
+                            Ok(())
+                        },
+                    )
+                })
+                .map(drop)
+                .map_err(|e| anyhow::anyhow!("writing node {name}'s status: {e:?}")),
+            Self::Real(real) => real.patch_node_status(name, patch).await,
+        }
+    }
+
+    /// Deletes a pod as `kubectl delete pod --grace-period` does: it terminates, and its
+    /// kubelet removes it once its containers stopped.
+    pub async fn delete_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        grace: Option<i64>,
+    ) -> anyhow::Result<()> {
+        match self {
+            Self::Emulator(api) => {
+                let key = (namespace.to_owned(), name.to_owned());
+                let timers = api
+                    .world(|w| w.delete_pod(&key, grace, None))
+                    .map_err(|e| anyhow::anyhow!("deleting pod {namespace}/{name}: {e:?}"))?
+                    .1;
+                api.start_timers(timers);
+                Ok(())
+            }
+            Self::Real(real) => real.delete_pod(namespace, name, grace).await,
+        }
+    }
+
+    /// The pods evicted, in order, with the grace period each was given: the emulator's
+    /// record of accepted evictions (the grace the eviction asked for); on the real server,
+    /// the pods in the order they began terminating, with their `deletionGracePeriodSeconds`.
+    pub fn terminations(&self) -> Vec<(Key, Option<i64>)> {
+        match self {
+            Self::Emulator(api) => api.world(|w| {
+                w.record
+                    .evictions
+                    .iter()
+                    .map(|e| (e.key.clone(), e.grace_seconds))
+                    .collect()
+            }),
+            Self::Real(real) => real.terminations(),
+        }
+    }
+
+    /// Deletes a namespace: evictions there are refused from then on, and the namespace
+    /// controller deletes its pods after `lag`.
+    pub async fn terminate_namespace(&self, namespace: &str, lag: Duration) -> anyhow::Result<()> {
+        match self {
+            Self::Emulator(api) => {
+                api.terminate_namespace(namespace, lag);
+                Ok(())
+            }
+            Self::Real(real) => real.terminate_namespace(namespace, lag).await,
         }
     }
 }

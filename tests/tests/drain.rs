@@ -1,15 +1,19 @@
-//! The drain engine (nth-core) against the Kubernetes API emulator, through the same client
-//! stack the Lambda uses: what `kubectl drain` users would check.
+//! The drain engine (nth-core) through the same client stack the Lambda uses (EKS token, the
+//! function's RBAC), on both backends: the emulator, and a real control plane whose budgets
+//! are judged by the real disruption controller. What `kubectl drain` users would check.
 
 use std::time::Duration;
 
 use chrono::Utc;
 use nth_core::drain::{DrainDeadline, DrainReport};
 use nth_core::{DrainSettings, Drainer};
+use nth_tests::cluster::{Backend, Cluster};
 use nth_tests::fixtures;
-use nth_tests::kube::{self, AuthConfig, Behaviour, KubeApi};
+use nth_tests::kube::{AuthConfig, Behaviour, World};
+use nth_tests::on_both_backends;
 use serde_json::{json, Value};
 
+const CLUSTER: &str = "drain";
 const NODE: &str = "ip-10-0-1-1.ec2.internal";
 const SPARE: &str = "ip-10-0-9-9.ec2.internal";
 const NS: &str = "apps";
@@ -31,28 +35,31 @@ fn behaviour() -> Behaviour {
     }
 }
 
-async fn start(behaviour: Behaviour) -> anyhow::Result<KubeApi> {
-    let api = KubeApi::start(
+async fn start(backend: Backend, behaviour: Behaviour) -> anyhow::Result<Cluster> {
+    let cluster = Cluster::start(
+        backend,
         AuthConfig {
-            cluster_name: "drain".into(),
+            cluster_name: CLUSTER.into(),
             secret_access_key: Some(nth_tests::TEST_SECRET_KEY.into()),
         },
         behaviour,
     )
     .await?;
-    api.world(|w| {
-        w.add_node(fixtures::node(NODE, "i-0000000000000001a", "us-east-1a"));
-        w.add_node(fixtures::node(SPARE, "i-0000000000000009a", "us-east-1a"));
-    });
-    Ok(api)
+    cluster
+        .add_node(fixtures::node(NODE, "i-0000000000000001a", "us-east-1a"))
+        .await?;
+    cluster
+        .add_node(fixtures::node(SPARE, "i-0000000000000009a", "us-east-1a"))
+        .await?;
+    Ok(cluster)
 }
 
 async fn drain(
-    api: &KubeApi,
+    cluster: &Cluster,
     settings: DrainSettings,
     deadline: DrainDeadline,
 ) -> anyhow::Result<DrainReport> {
-    let drainer = Drainer::new(kube::client(api, "drain")?, settings);
+    let drainer = Drainer::new(cluster.client(CLUSTER)?, settings);
     Ok(drainer.drain(NODE, deadline).await?)
 }
 
@@ -63,302 +70,385 @@ fn within(seconds: i64) -> DrainDeadline {
     }
 }
 
-fn pods(api: &KubeApi, n: usize, rs: &str, app: &str) {
-    api.world(|w| {
-        for i in 0..n {
-            w.add_pod(fixtures::replicaset_pod(NS, rs, i, NODE, app));
-        }
-    });
+async fn pods(cluster: &Cluster, n: usize, rs: &str, app: &str) -> anyhow::Result<()> {
+    for i in 0..n {
+        cluster
+            .add_pod(fixtures::replicaset_pod(NS, rs, i, NODE, app))
+            .await?;
+    }
+    Ok(())
 }
 
-fn names_on_node(api: &KubeApi) -> Vec<String> {
-    let mut names: Vec<String> = api
+async fn names_on_node(cluster: &Cluster) -> anyhow::Result<Vec<String>> {
+    let mut names: Vec<String> = cluster
         .pods_on(NODE)
+        .await?
         .iter()
         .filter_map(|p| p["metadata"]["name"].as_str().map(str::to_owned))
         .collect();
     names.sort();
-    names
+    Ok(names)
 }
 
-fn min_healthy(api: &KubeApi, pdb: &str) -> Option<i64> {
-    api.world(|w| {
-        w.record
-            .pdb_min_healthy
-            .get(&(NS.to_owned(), pdb.to_owned()))
-            .copied()
-    })
+fn min_healthy(cluster: &Cluster, pdb: &str) -> Option<i64> {
+    cluster.pdb_min_healthy(NS, pdb)
 }
 
-#[tokio::test]
-async fn one_disruption_at_a_time_across_five_replicas_is_never_exceeded() -> anyhow::Result<()> {
-    let api = start(behaviour()).await?;
-    pods(&api, 5, "db-7f9", "db");
-    api.world(|w| w.add_pdb(fixtures::pdb_max_unavailable(NS, "db", "db", 1)));
+on_both_backends! {
+    async fn one_disruption_at_a_time_across_five_replicas_is_never_exceeded(
+        backend: Backend
+    ) -> anyhow::Result<()> {
+        let cluster = start(backend, behaviour()).await?;
+        pods(&cluster, 5, "db-7f9", "db").await?;
+        cluster
+            .add_pdb(fixtures::pdb_max_unavailable(NS, "db", "db", 1))
+            .await?;
 
-    let report = drain(&api, fast_settings(), within(60)).await?;
+        let report = drain(&cluster, fast_settings(), within(60)).await?;
 
-    assert!(report.complete, "{report:?}");
-    assert_eq!(report.evicted.len(), 5);
-    assert!(names_on_node(&api).is_empty());
-    assert_eq!(
-        min_healthy(&api, "db"),
-        Some(4),
-        "never fewer than 4 of 5 healthy"
-    );
-    assert!(
-        api.world(|w| w.record.evictions_refused) >= 4,
-        "each eviction after the first waited its turn"
-    );
-    Ok(())
-}
-
-#[tokio::test]
-async fn a_budget_allowing_nothing_keeps_its_pods_and_the_report_names_it() -> anyhow::Result<()> {
-    let api = start(behaviour()).await?;
-    pods(&api, 3, "ledger-5c4", "ledger");
-    pods(&api, 2, "web-1a2", "web");
-    api.world(|w| {
-        w.add_pdb(fixtures::pdb_max_unavailable(
-            NS,
-            "ledger-frozen",
-            "ledger",
-            0,
-        ))
-    });
-
-    let report = drain(&api, fast_settings(), within(2)).await?;
-
-    assert!(!report.complete);
-    assert_eq!(report.evicted.len(), 2, "the unguarded pods went");
-    assert_eq!(report.left.len(), 3);
-    for left in &report.left {
-        assert!(left.reason.contains("ledger-frozen"), "{left:?}");
+        assert!(report.complete, "{report:?}");
+        assert_eq!(report.evicted.len(), 5);
+        assert!(names_on_node(&cluster).await?.is_empty());
+        assert_eq!(
+            min_healthy(&cluster, "db"),
+            Some(4),
+            "never fewer than 4 of 5 healthy"
+        );
+        if let Some(emu) = cluster.emulator() {
+            assert!(
+                emu.world(|w| w.record.evictions_refused) >= 4,
+                "each eviction after the first waited its turn"
+            );
+        }
+        Ok(())
     }
-    assert_eq!(names_on_node(&api).len(), 3, "guarded pods still running");
-    assert_eq!(
-        min_healthy(&api, "ledger-frozen"),
-        Some(3),
-        "never disrupted"
-    );
-    Ok(())
 }
 
-#[tokio::test]
-async fn a_110_pod_node_drains_with_bounded_concurrency_and_o_pods_requests() -> anyhow::Result<()>
-{
-    let api = start(Behaviour {
-        eviction_latency: Duration::from_millis(20),
-        ..behaviour()
-    })
-    .await?;
-    pods(&api, 110, "batch-9d8", "batch");
-    let settings = DrainSettings {
-        concurrency: 16,
-        ..fast_settings()
-    };
+on_both_backends! {
+    async fn a_budget_allowing_nothing_keeps_its_pods_and_the_report_names_it(
+        backend: Backend
+    ) -> anyhow::Result<()> {
+        let cluster = start(backend, behaviour()).await?;
+        pods(&cluster, 3, "ledger-5c4", "ledger").await?;
+        pods(&cluster, 2, "web-1a2", "web").await?;
+        cluster
+            .add_pdb(fixtures::pdb_max_unavailable(NS, "ledger-frozen", "ledger", 0))
+            .await?;
 
-    let report = drain(&api, settings, within(60)).await?;
+        // The frozen budget's retries last until the deadline, and the drain only looks for
+        // the pods it evicted after them (see `evicted_pods_are_looked_for_at_the_deadline`):
+        // a retry interval of 500 ms leaves it that long to find the unguarded pods gone.
+        let settings = DrainSettings {
+            eviction_retry_interval: Duration::from_millis(500),
+            ..fast_settings()
+        };
+        let report = drain(&cluster, settings, within(2)).await?;
 
-    assert!(report.complete && report.evicted.len() == 110, "{report:?}");
-    let peak = api.max_evictions_in_flight();
-    assert!(peak <= 16, "at most 16 evictions in flight, saw {peak}");
-    assert!(peak >= 8, "evictions do run concurrently, saw {peak}");
-    let requests = api.requests();
-    let evictions = requests
-        .iter()
-        .filter(|r| r.uri.ends_with("/eviction"))
-        .count();
-    let others = requests.len() - evictions;
-    assert_eq!(evictions, 110, "one eviction per pod");
-    assert!(
-        others <= 4,
-        "a LIST, a LIST and a WATCH to wait, not polling: {others} other requests"
-    );
-    Ok(())
+        assert!(!report.complete);
+        assert_eq!(report.evicted.len(), 2, "the unguarded pods went: {report:?}");
+        assert_eq!(report.left.len(), 3);
+        for left in &report.left {
+            assert!(left.reason.contains("ledger-frozen"), "{left:?}");
+        }
+        assert_eq!(names_on_node(&cluster).await?.len(), 3, "guarded pods still running");
+        assert_eq!(
+            min_healthy(&cluster, "ledger-frozen"),
+            Some(3),
+            "never disrupted"
+        );
+        Ok(())
+    }
 }
 
-#[tokio::test]
-async fn a_300_second_grace_period_is_clipped_to_the_spot_deadline() -> anyhow::Result<()> {
-    // One emulated second is 10 ms, so the pod that ignores SIGTERM goes after its (clipped)
-    // grace period within about a second.
-    let api = start(Behaviour {
-        time_scale: 0.01,
-        ..behaviour()
-    })
-    .await?;
-    api.world(|w| {
+on_both_backends! {
+    async fn a_110_pod_node_drains_with_bounded_concurrency_and_o_pods_requests(
+        backend: Backend
+    ) -> anyhow::Result<()> {
+        let cluster = start(
+            backend,
+            Behaviour {
+                eviction_latency: Duration::from_millis(20),
+                ..behaviour()
+            },
+        )
+        .await?;
+        pods(&cluster, 110, "batch-9d8", "batch").await?;
+        let settings = DrainSettings {
+            concurrency: 16,
+            ..fast_settings()
+        };
+
+        let report = drain(&cluster, settings, within(60)).await?;
+
+        assert!(report.complete && report.evicted.len() == 110, "{report:?}");
+        assert!(names_on_node(&cluster).await?.is_empty());
+        if let Some(emu) = cluster.emulator() {
+            let peak = emu.max_evictions_in_flight();
+            assert!(peak <= 16, "at most 16 evictions in flight, saw {peak}");
+            assert!(peak >= 8, "evictions do run concurrently, saw {peak}");
+            let requests = emu.requests();
+            let evictions = requests
+                .iter()
+                .filter(|r| r.uri.ends_with("/eviction"))
+                .count();
+            let others = requests.len() - evictions;
+            assert_eq!(evictions, 110, "one eviction per pod");
+            assert!(
+                others <= 4,
+                "a LIST, a LIST and a WATCH to wait, not polling: {others} other requests"
+            );
+        }
+        Ok(())
+    }
+}
+
+on_both_backends! {
+    async fn a_300_second_grace_period_is_clipped_to_the_spot_deadline(
+        backend: Backend
+    ) -> anyhow::Result<()> {
+        // One emulated second is 10 ms, so the pod that ignores SIGTERM goes after its
+        // (clipped) grace period within about a second.
+        let cluster = start(
+            backend,
+            Behaviour {
+                time_scale: 0.01,
+                ..behaviour()
+            },
+        )
+        .await?;
         let mut slow = fixtures::replicaset_pod(NS, "legacy-3b1", 0, NODE, "legacy");
         slow["spec"]["terminationGracePeriodSeconds"] = json!(300);
         slow["metadata"]["annotations"] = json!({"emulator.nth.dev/stop-delay-ms": "3600000"});
-        w.add_pod(slow);
-    });
-    let instance_end = Utc::now() + chrono::Duration::seconds(120);
-    let deadline = DrainDeadline {
-        pods_stopped_by: Some(instance_end - chrono::Duration::seconds(15)),
-        give_up_at: instance_end,
-    };
+        cluster.add_pod(slow).await?;
+        let instance_end = Utc::now() + chrono::Duration::seconds(120);
+        let deadline = DrainDeadline {
+            pods_stopped_by: Some(instance_end - chrono::Duration::seconds(15)),
+            give_up_at: instance_end,
+        };
 
-    let report = drain(&api, fast_settings(), deadline).await?;
+        let report = drain(&cluster, fast_settings(), deadline).await?;
 
-    assert!(report.complete, "{report:?}");
-    let graces: Vec<Option<i64>> =
-        api.world(|w| w.record.evictions.iter().map(|e| e.grace_seconds).collect());
-    assert_eq!(graces.len(), 1);
-    let grace = graces[0].expect("the drain set a grace period");
-    assert!(
-        (100..=105).contains(&grace),
-        "300 s clipped to end 15 s before the instance: {grace}"
-    );
-    Ok(())
+        assert!(report.complete, "{report:?}");
+        let graces: Vec<Option<i64>> = cluster.terminations().into_iter().map(|t| t.1).collect();
+        assert_eq!(graces.len(), 1, "{graces:?}");
+        let grace = graces[0].expect("the drain set a grace period");
+        assert!(
+            (100..=105).contains(&grace),
+            "300 s clipped to end 15 s before the instance: {grace}"
+        );
+        Ok(())
+    }
 }
 
-#[tokio::test]
-async fn system_critical_pods_are_evicted_last() -> anyhow::Result<()> {
-    let api = start(behaviour()).await?;
-    pods(&api, 4, "web-1a2", "web");
-    api.world(|w| {
+on_both_backends! {
+    async fn system_critical_pods_are_evicted_last(backend: Backend) -> anyhow::Result<()> {
+        let cluster = start(backend, behaviour()).await?;
+        pods(&cluster, 4, "web-1a2", "web").await?;
         let mut dns = fixtures::replicaset_pod("kube-system", "coredns-6d4", 0, NODE, "kube-dns");
         dns["spec"]["priorityClassName"] = json!("system-cluster-critical");
-        w.add_pod(dns);
+        cluster.add_pod(dns).await?;
+        // The value as the Priority admission plugin resolves it from the class: a real server
+        // refuses a pod naming a priority without its class (or with another value).
         let mut cni = fixtures::replicaset_pod("kube-system", "cni-helper-2f1", 0, NODE, "cni");
+        cni["spec"]["priorityClassName"] = json!("system-node-critical");
         cni["spec"]["priority"] = json!(2_000_001_000);
-        w.add_pod(cni);
-    });
+        cluster.add_pod(cni).await?;
 
-    let report = drain(&api, fast_settings(), within(30)).await?;
+        let report = drain(&cluster, fast_settings(), within(30)).await?;
 
-    assert!(report.complete);
-    let order: Vec<String> =
-        api.world(|w| w.record.evictions.iter().map(|e| e.key.0.clone()).collect());
-    assert_eq!(order.len(), 6);
-    assert!(
-        order[..4].iter().all(|ns| ns == NS),
-        "workloads first: {order:?}"
-    );
-    assert!(
-        order[4..].iter().all(|ns| ns == "kube-system"),
-        "critical last: {order:?}"
-    );
-    Ok(())
+        assert!(report.complete, "{report:?}");
+        let order: Vec<String> = cluster.terminations().into_iter().map(|t| t.0 .0).collect();
+        assert_eq!(order.len(), 6, "{order:?}");
+        assert!(
+            order[..4].iter().all(|ns| ns == NS),
+            "workloads first: {order:?}"
+        );
+        assert!(
+            order[4..].iter().all(|ns| ns == "kube-system"),
+            "critical last: {order:?}"
+        );
+        Ok(())
+    }
 }
 
-#[tokio::test]
-async fn daemonset_mirror_terminating_and_finished_pods_are_handled_like_kubectl_drain(
-) -> anyhow::Result<()> {
-    let api = start(behaviour()).await?;
-    pods(&api, 2, "web-1a2", "web");
-    api.world(|w| {
-        w.add_pod(fixtures::daemonset_pod("kube-system", "aws-node", NODE));
-        w.add_pod(fixtures::mirror_pod("kube-system", "kube-proxy", NODE));
+on_both_backends! {
+    async fn daemonset_mirror_terminating_and_finished_pods_are_handled_like_kubectl_drain(
+        backend: Backend
+    ) -> anyhow::Result<()> {
+        let cluster = start(backend, behaviour()).await?;
+        pods(&cluster, 2, "web-1a2", "web").await?;
+        cluster
+            .add_pod(fixtures::daemonset_pod("kube-system", "aws-node", NODE))
+            .await?;
+        cluster
+            .add_pod(fixtures::mirror_pod("kube-system", "kube-proxy", NODE))
+            .await?;
         let mut done = fixtures::replicaset_pod(NS, "job-77a", 0, NODE, "job");
         done["status"] = json!({"phase": "Succeeded"});
-        w.add_pod(done);
+        cluster.add_pod(done).await?;
         let mut leaving = fixtures::replicaset_pod(NS, "old-4c2", 0, NODE, "old");
         leaving["metadata"]["annotations"] = json!({"emulator.nth.dev/stop-delay-ms": "700"});
-        w.add_pod(leaving);
-    });
-    // Already terminating before the drain starts.
-    let leaving_key = (NS.to_owned(), "old-4c2-00000".to_owned());
-    let timers = api.world(|w| w.delete_pod(&leaving_key, Some(30), None).map(|(_, t)| t))?;
-    assert_eq!(timers.len(), 2, "removal and replacement");
-    api.start_timers(timers);
+        cluster.add_pod(leaving).await?;
+        // Already terminating before the drain starts.
+        cluster.delete_pod(NS, "old-4c2-00000", Some(30)).await?;
 
-    let report = drain(&api, fast_settings(), within(30)).await?;
+        let report = drain(&cluster, fast_settings(), within(30)).await?;
 
-    assert!(report.complete, "{report:?}");
-    assert_eq!(
-        names_on_node(&api),
-        vec![
-            format!("aws-node-{}", NODE.split('.').next().unwrap_or_default()),
-            format!("kube-proxy-{NODE}")
-        ],
-        "only the DaemonSet and mirror pods stay"
-    );
-    let evicted: Vec<String> =
-        api.world(|w| w.record.evictions.iter().map(|e| e.key.1.clone()).collect());
-    assert!(
-        !evicted.contains(&"old-4c2-00000".to_owned()),
-        "a terminating pod is not evicted again"
-    );
-    assert!(
-        !evicted.contains(&"job-77a-00000".to_owned()),
-        "a finished pod is deleted, not evicted"
-    );
-    assert_eq!(report.deleted, vec![format!("{NS}/job-77a-00000")]);
-    assert_eq!(report.skipped.len(), 2);
-    Ok(())
-}
-
-#[tokio::test]
-async fn pods_of_a_terminating_namespace_are_waited_for() -> anyhow::Result<()> {
-    let api = start(behaviour()).await?;
-    api.world(|w| {
-        for i in 0..2 {
-            w.add_pod(fixtures::replicaset_pod(
-                "retired", "svc-8e1", i, NODE, "svc",
-            ));
+        assert!(report.complete, "{report:?}");
+        assert_eq!(
+            names_on_node(&cluster).await?,
+            vec![
+                format!("aws-node-{}", NODE.split('.').next().unwrap_or_default()),
+                format!("kube-proxy-{NODE}")
+            ],
+            "only the DaemonSet and mirror pods stay"
+        );
+        if let Some(emu) = cluster.emulator() {
+            let evicted: Vec<String> =
+                emu.world(|w| w.record.evictions.iter().map(|e| e.key.1.clone()).collect());
+            assert!(
+                !evicted.contains(&"old-4c2-00000".to_owned()),
+                "a terminating pod is not evicted again"
+            );
+            assert!(
+                !evicted.contains(&"job-77a-00000".to_owned()),
+                "a finished pod is deleted, not evicted"
+            );
         }
-    });
-    api.terminate_namespace("retired", Duration::from_millis(400));
+        assert_eq!(report.deleted, vec![format!("{NS}/job-77a-00000")]);
+        assert_eq!(report.skipped.len(), 2);
+        Ok(())
+    }
+}
 
-    let report = drain(&api, fast_settings(), within(30)).await?;
+on_both_backends! {
+    async fn pods_of_a_terminating_namespace_are_waited_for(backend: Backend) -> anyhow::Result<()> {
+        let cluster = start(backend, behaviour()).await?;
+        for i in 0..2 {
+            cluster
+                .add_pod(fixtures::replicaset_pod("retired", "svc-8e1", i, NODE, "svc"))
+                .await?;
+        }
+        cluster
+            .terminate_namespace("retired", Duration::from_millis(400))
+            .await?;
 
+        let report = drain(&cluster, fast_settings(), within(30)).await?;
+
+        assert!(report.complete, "{report:?}");
+        assert_eq!(report.evicted.len(), 2);
+        assert!(names_on_node(&cluster).await?.is_empty());
+        if let Some(emu) = cluster.emulator() {
+            let forbidden = emu.requests().iter().filter(|r| r.status == 403).count();
+            assert_eq!(
+                forbidden, 2,
+                "each eviction was refused with 403 and then waited for"
+            );
+            assert_eq!(emu.world(|w| w.record.evictions_accepted), 0);
+        }
+        Ok(())
+    }
+}
+
+on_both_backends! {
+    async fn a_pod_under_two_budgets_is_retried_then_reported(backend: Backend) -> anyhow::Result<()> {
+        let cluster = start(backend, behaviour()).await?;
+        pods(&cluster, 1, "api-2b2", "api").await?;
+        cluster
+            .add_pdb(fixtures::pdb_max_unavailable(NS, "api-a", "api", 1))
+            .await?;
+        cluster
+            .add_pdb(fixtures::pdb_max_unavailable(NS, "api-b", "api", 1))
+            .await?;
+
+        let report = drain(&cluster, fast_settings(), within(1)).await?;
+
+        assert!(!report.complete);
+        assert!(
+            report.left[0]
+                .reason
+                .contains("more than one PodDisruptionBudget"),
+            "{:?}",
+            report.left
+        );
+        assert_eq!(names_on_node(&cluster).await?.len(), 1, "the pod stays");
+        if let Some(emu) = cluster.emulator() {
+            let attempts = emu.requests().iter().filter(|r| r.status == 500).count();
+            assert!(
+                attempts >= 2,
+                "500 is retried, not final: {attempts} attempts"
+            );
+        }
+        Ok(())
+    }
+}
+
+on_both_backends! {
+    async fn dry_run_lists_and_plans_but_writes_nothing(backend: Backend) -> anyhow::Result<()> {
+        let cluster = start(backend, behaviour()).await?;
+        pods(&cluster, 3, "web-1a2", "web").await?;
+        let report = drain(
+            &cluster,
+            DrainSettings {
+                dry_run: true,
+                ..fast_settings()
+            },
+            within(10),
+        )
+        .await?;
+        assert_eq!(report.evicted.len(), 3);
+        assert_eq!(names_on_node(&cluster).await?.len(), 3);
+        assert!(cluster.terminations().is_empty(), "nothing evicted");
+        if let Some(emu) = cluster.emulator() {
+            assert!(emu.requests().iter().all(|r| r.method == "GET"));
+        }
+        Ok(())
+    }
+}
+
+/// Pods evicted, and gone, before the drain's deadline passed must be reported evicted, not
+/// "still terminating". The drain waits for its evicted pods only after every eviction of
+/// the node ended, and `wait_until_gone` gives up before its first look when the deadline
+/// has passed by then: a budget that refuses until the deadline, or a late start, makes every
+/// evicted pod "left". Here the evictions (grace 0) delete the pods at once, and the deadline
+/// passes before the wait begins.
+async fn evicted_pods_are_looked_for_at_the_deadline(backend: Backend) -> anyhow::Result<()> {
+    let cluster = start(backend, behaviour()).await?;
+    pods(&cluster, 2, "web-1a2", "web").await?;
+    let settings = DrainSettings {
+        grace_period_override: Some(0),
+        ..fast_settings()
+    };
+
+    let report = drain(&cluster, settings, within(0)).await?;
+
+    assert!(
+        names_on_node(&cluster).await?.is_empty(),
+        "the pods are gone"
+    );
+    assert_eq!(report.evicted.len(), 2, "{report:?}");
     assert!(report.complete, "{report:?}");
-    assert_eq!(report.evicted.len(), 2);
-    let forbidden = api.requests().iter().filter(|r| r.status == 403).count();
-    assert_eq!(
-        forbidden, 2,
-        "each eviction was refused with 403 and then waited for"
-    );
-    assert_eq!(api.world(|w| w.record.evictions_accepted), 0);
     Ok(())
 }
 
-#[tokio::test]
-async fn a_pod_under_two_budgets_is_retried_then_reported() -> anyhow::Result<()> {
-    let api = start(behaviour()).await?;
-    pods(&api, 1, "api-2b2", "api");
-    api.world(|w| {
-        w.add_pdb(fixtures::pdb_max_unavailable(NS, "api-a", "api", 1));
-        w.add_pdb(fixtures::pdb_max_unavailable(NS, "api-b", "api", 1));
-    });
+mod evicted_pods_are_looked_for_at_the_deadline {
+    use super::*;
 
-    let report = drain(&api, fast_settings(), within(1)).await?;
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "nth bug (core/src/drain/wait.rs): gone pods reported still terminating"]
+    async fn emulator() -> anyhow::Result<()> {
+        evicted_pods_are_looked_for_at_the_deadline(Backend::Emulator).await
+    }
 
-    assert!(!report.complete);
-    assert!(
-        report.left[0]
-            .reason
-            .contains("more than one PodDisruptionBudget"),
-        "{:?}",
-        report.left
-    );
-    let attempts = api.requests().iter().filter(|r| r.status == 500).count();
-    assert!(
-        attempts >= 2,
-        "500 is retried, not final: {attempts} attempts"
-    );
-    Ok(())
-}
-
-#[tokio::test]
-async fn dry_run_lists_and_plans_but_writes_nothing() -> anyhow::Result<()> {
-    let api = start(behaviour()).await?;
-    pods(&api, 3, "web-1a2", "web");
-    let report = drain(
-        &api,
-        DrainSettings {
-            dry_run: true,
-            ..fast_settings()
-        },
-        within(10),
-    )
-    .await?;
-    assert_eq!(report.evicted.len(), 3);
-    assert_eq!(names_on_node(&api).len(), 3);
-    assert!(api.requests().iter().all(|r| r.method == "GET"));
-    Ok(())
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "nth bug (core/src/drain/wait.rs): gone pods reported still terminating"]
+    async fn real() -> anyhow::Result<()> {
+        if !Backend::real_available()? {
+            eprintln!("skipped: KUBEBUILDER_ASSETS is not set, so there is no real control plane");
+            return Ok(());
+        }
+        evicted_pods_are_looked_for_at_the_deadline(Backend::Real).await
+    }
 }
 
 /// A small deterministic generator: the property test below must be reproducible.
@@ -377,84 +467,87 @@ impl Rng {
     }
 }
 
-/// Property: for random pods, budgets and readiness, the drain never drives any budget's
-/// healthy count below its minimum, and ends with every evictable pod gone or named in the
-/// report.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn random_clusters_never_see_a_budget_broken() -> anyhow::Result<()> {
-    for seed in 1..=12u64 {
-        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let api = start(Behaviour {
-            replacement_ready_delay: Duration::from_millis(50 + rng.below(400)),
-            ..behaviour()
-        })
-        .await?;
-        let apps = 1 + rng.below(4) as usize;
-        let mut minimums = Vec::new();
-        for app in 0..apps {
-            let name = format!("app{app}");
-            let replicas = 1 + rng.below(6) as usize;
-            api.world(|w| {
+on_both_backends! {
+    /// Property: for random pods, budgets and readiness, the drain never drives any budget's
+    /// healthy count below its minimum, and ends with every evictable pod gone or named in
+    /// the report.
+    async fn random_clusters_never_see_a_budget_broken(backend: Backend) -> anyhow::Result<()> {
+        for seed in 1..=12u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let cluster = start(
+                backend,
+                Behaviour {
+                    replacement_ready_delay: Duration::from_millis(50 + rng.below(400)),
+                    ..behaviour()
+                },
+            )
+            .await?;
+            // The budgets' numbers at the start, by the emulator's reading of the spec.
+            let mut model = World::new(Behaviour::default());
+            let apps = 1 + rng.below(4) as usize;
+            let mut minimums = Vec::new();
+            for app in 0..apps {
+                let name = format!("app{app}");
+                let replicas = 1 + rng.below(6) as usize;
                 for i in 0..replicas {
                     let mut pod =
                         fixtures::replicaset_pod(NS, &format!("{name}-rs"), i, NODE, &name);
                     if rng.below(5) == 0 {
                         pod["status"]["conditions"] = json!([{"type": "Ready", "status": "False"}]);
                     }
-                    w.add_pod(pod);
+                    model.add_pod(pod.clone());
+                    cluster.add_pod(pod).await?;
                 }
-            });
-            if rng.below(3) > 0 {
-                let budget: Value = match rng.below(4) {
-                    0 => json!({"minAvailable": rng.below(replicas as u64 + 1)}),
-                    1 => json!({"maxUnavailable": rng.below(3)}),
-                    2 => json!({"minAvailable": format!("{}%", 25 * rng.below(5))}),
-                    _ => json!({"maxUnavailable": format!("{}%", 25 * (1 + rng.below(4)))}),
-                };
-                let mut pdb = fixtures::pdb_max_unavailable(NS, &name, &name, 0);
-                let mut spec = budget.clone();
-                spec["selector"] = json!({"matchLabels": {"app": name}});
-                pdb["spec"] = spec;
-                let desired = api.world(|w| {
-                    w.add_pdb(pdb.clone());
-                    let stored = w
+                if rng.below(3) > 0 {
+                    let budget: Value = match rng.below(4) {
+                        0 => json!({"minAvailable": rng.below(replicas as u64 + 1)}),
+                        1 => json!({"maxUnavailable": rng.below(3)}),
+                        2 => json!({"minAvailable": format!("{}%", 25 * rng.below(5))}),
+                        _ => json!({"maxUnavailable": format!("{}%", 25 * (1 + rng.below(4)))}),
+                    };
+                    let mut pdb = fixtures::pdb_max_unavailable(NS, &name, &name, 0);
+                    let mut spec = budget.clone();
+                    spec["selector"] = json!({"matchLabels": {"app": name}});
+                    pdb["spec"] = spec;
+                    model.add_pdb(pdb.clone());
+                    let stored = model
                         .pdbs
                         .get(&(NS.to_owned(), name.clone()))
                         .cloned()
                         .unwrap_or_default();
-                    w.pdb_numbers(&stored)
-                });
-                minimums.push((name.clone(), desired));
+                    minimums.push((name.clone(), model.pdb_numbers(&stored)));
+                    cluster.add_pdb(pdb).await?;
+                }
+            }
+            let evictable = cluster.pods_on(NODE).await?.len();
+
+            let report = drain(&cluster, fast_settings(), within(3)).await?;
+
+            for (name, (healthy_at_start, desired, _)) in &minimums {
+                let floor = (*desired).min(*healthy_at_start);
+                let lowest = min_healthy(&cluster, name).unwrap_or(i64::MAX);
+                assert!(
+                    lowest >= floor,
+                    "seed {seed}: budget {name} fell to {lowest}, below {floor}"
+                );
+            }
+            let named: Vec<&String> = report.left.iter().map(|l| &l.pod).collect();
+            assert_eq!(
+                report.evicted.len() + report.left.len(),
+                evictable,
+                "seed {seed}: {report:?}"
+            );
+            for pod in cluster.pods_on(NODE).await? {
+                let id = format!(
+                    "{NS}/{}",
+                    pod["metadata"]["name"].as_str().unwrap_or_default()
+                );
+                assert!(
+                    named.contains(&&id),
+                    "seed {seed}: {id} is still on the node but not in the report"
+                );
             }
         }
-        let evictable = api.pods_on(NODE).len();
-
-        let report = drain(&api, fast_settings(), within(3)).await?;
-
-        for (name, (healthy_at_start, desired, _)) in &minimums {
-            let floor = (*desired).min(*healthy_at_start);
-            let lowest = min_healthy(&api, name).unwrap_or(i64::MAX);
-            assert!(
-                lowest >= floor,
-                "seed {seed}: budget {name} fell to {lowest}, below {floor}"
-            );
-        }
-        let named: Vec<&String> = report.left.iter().map(|l| &l.pod).collect();
-        assert_eq!(
-            report.evicted.len() + report.left.len(),
-            evictable,
-            "seed {seed}: {report:?}"
-        );
-        for pod in api.pods_on(NODE) {
-            let id = format!(
-                "{NS}/{}",
-                pod["metadata"]["name"].as_str().unwrap_or_default()
-            );
-            assert!(
-                named.contains(&&id),
-                "seed {seed}: {id} is still on the node but not in the report"
-            );
-        }
+        Ok(())
     }
-    Ok(())
 }

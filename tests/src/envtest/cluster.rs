@@ -434,4 +434,75 @@ impl RealCluster {
     pub fn auth_failures(&self) -> Vec<String> {
         self.lease.plane.authn.seen().failures.clone()
     }
+
+    /// Writes node status as the kubelet does: a merge patch of the status subresource
+    /// (`{"status": {...}}`), the only write that changes it.
+    pub async fn patch_node_status(&self, name: &str, patch: Value) -> anyhow::Result<()> {
+        Api::<Node>::all(self.client())
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .with_context(|| format!("writing node {name}'s status"))?;
+        Ok(())
+    }
+
+    /// Deletes a pod as `kubectl delete pod` does, with `grace` seconds (the pod's own
+    /// when `None`): it stays, terminating, until the kubelet stand-in removes it.
+    pub async fn delete_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        grace: Option<i64>,
+    ) -> anyhow::Result<()> {
+        let params = DeleteParams {
+            grace_period_seconds: grace.and_then(|g| u32::try_from(g).ok()),
+            ..DeleteParams::default()
+        };
+        Api::<Pod>::namespaced(self.client(), namespace)
+            .delete(name, &params)
+            .await
+            .with_context(|| format!("deleting pod {namespace}/{name}"))?;
+        Ok(())
+    }
+
+    /// The pods that began terminating during the lease, in the order the pod watch saw
+    /// it, with their `deletionGracePeriodSeconds` (0 for a pod deleted at once).
+    pub fn terminations(&self) -> Vec<(Key, Option<i64>)> {
+        self.observer.terminations()
+    }
+
+    /// Deletes the namespace (it turns Terminating: new objects there, evictions included,
+    /// are refused) and, after `lag`, does the namespace controller's part, which does not
+    /// run here: deletes its pods gracefully, then finalizes it once they are gone.
+    pub async fn terminate_namespace(&self, namespace: &str, lag: Duration) -> anyhow::Result<()> {
+        let namespaces: Api<Namespace> = Api::all(self.client());
+        namespaces
+            .delete(namespace, &DeleteParams::default())
+            .await
+            .with_context(|| format!("deleting namespace {namespace}"))?;
+        lock(&self.lease.plane.namespaces).remove(namespace);
+        let pods: Api<Pod> = Api::namespaced(self.client(), namespace);
+        let name = namespace.to_owned();
+        tokio::spawn(async move {
+            tokio::time::sleep(lag).await;
+            let everything = ListParams::default();
+            let _best_effort = pods
+                .delete_collection(&DeleteParams::default(), &everything)
+                .await;
+            while pods
+                .list(&everything)
+                .await
+                .is_ok_and(|l| !l.items.is_empty())
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let finalized = json!({
+                "apiVersion": "v1", "kind": "Namespace",
+                "metadata": {"name": name}, "spec": {"finalizers": []},
+            });
+            let _best_effort = namespaces
+                .replace_subresource("finalize", &name, &PostParams::default(), &finalized)
+                .await;
+        });
+        Ok(())
+    }
 }
