@@ -406,48 +406,28 @@ on_both_backends! {
     }
 }
 
-/// Pods evicted, and gone, before the drain's deadline passed must be reported evicted, not
-/// "still terminating". The drain waits for its evicted pods only after every eviction of
-/// the node ended, and `wait_until_gone` gives up before its first look when the deadline
-/// has passed by then: a budget that refuses until the deadline, or a late start, makes every
-/// evicted pod "left". Here the evictions (grace 0) delete the pods at once, and the deadline
-/// passes before the wait begins.
-async fn evicted_pods_are_looked_for_at_the_deadline(backend: Backend) -> anyhow::Result<()> {
-    let cluster = start(backend, behaviour()).await?;
-    pods(&cluster, 2, "web-1a2", "web").await?;
-    let settings = DrainSettings {
-        grace_period_override: Some(0),
-        ..fast_settings()
-    };
+on_both_backends! {
+    /// Pods evicted, and gone, before the drain's deadline passed are reported evicted, not
+    /// "still terminating": the drain looks for its evicted pods once even when the deadline
+    /// passed while it was evicting. Here the evictions (grace 0) delete the pods at once, and
+    /// the deadline passes before the wait begins.
+    async fn evicted_pods_are_looked_for_at_the_deadline(backend: Backend) -> anyhow::Result<()> {
+        let cluster = start(backend, behaviour()).await?;
+        pods(&cluster, 2, "web-1a2", "web").await?;
+        let settings = DrainSettings {
+            grace_period_override: Some(0),
+            ..fast_settings()
+        };
 
-    let report = drain(&cluster, settings, within(0)).await?;
+        let report = drain(&cluster, settings, within(0)).await?;
 
-    assert!(
-        names_on_node(&cluster).await?.is_empty(),
-        "the pods are gone"
-    );
-    assert_eq!(report.evicted.len(), 2, "{report:?}");
-    assert!(report.complete, "{report:?}");
-    Ok(())
-}
-
-mod evicted_pods_are_looked_for_at_the_deadline {
-    use super::*;
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "nth bug (core/src/drain/wait.rs): gone pods reported still terminating"]
-    async fn emulator() -> anyhow::Result<()> {
-        evicted_pods_are_looked_for_at_the_deadline(Backend::Emulator).await
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "nth bug (core/src/drain/wait.rs): gone pods reported still terminating"]
-    async fn real() -> anyhow::Result<()> {
-        if !Backend::real_available()? {
-            eprintln!("skipped: KUBEBUILDER_ASSETS is not set, so there is no real control plane");
-            return Ok(());
-        }
-        evicted_pods_are_looked_for_at_the_deadline(Backend::Real).await
+        assert!(
+            names_on_node(&cluster).await?.is_empty(),
+            "the pods are gone"
+        );
+        assert_eq!(report.evicted.len(), 2, "{report:?}");
+        assert!(report.complete, "{report:?}");
+        Ok(())
     }
 }
 

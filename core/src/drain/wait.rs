@@ -38,9 +38,12 @@ pub(super) async fn wait_until_gone(
     let pods: Api<Pod> = Api::all(client.clone());
     let mut watch_from = Some(listed_at).filter(|rv| !rv.is_empty());
     loop {
+        let time_left = give_up_at > Utc::now();
         let resource_version = match watch_from.take() {
-            Some(rv) => rv,
-            None => list_and_prune(client, node, &mut waiting, &mut gone).await?,
+            Some(rv) if time_left => rv,
+            // With the deadline past before the first watch (evictions that took it all), one
+            // LIST still tells which evicted pods are gone: they are not "left".
+            _ => list_and_prune(client, node, &mut waiting, &mut gone).await?,
         };
         let left = (give_up_at - Utc::now()).to_std().unwrap_or_default();
         if waiting.is_empty() || left.is_zero() {
