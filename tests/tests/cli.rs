@@ -166,8 +166,7 @@ on_both_backends! {
     }
 }
 
-// One backend is enough: EC2 does not know the sample's instance, so Kubernetes is never
-// reached.
+// One backend is enough: EC2 does not know the sample's instance, so no cluster is reached.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_dry_run_of_the_verbatim_sample_finds_no_such_instance() -> anyhow::Result<()> {
     let sandbox = Sandbox::start(&[]).await?;
