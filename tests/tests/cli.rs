@@ -5,7 +5,6 @@
 use std::path::PathBuf;
 use std::process::Output;
 
-use nth_tests::cluster::Backend;
 use nth_tests::on_both_backends;
 use nth_tests::process::workspace_binary;
 use nth_tests::sandbox::{sandbox_behaviour, Sandbox};

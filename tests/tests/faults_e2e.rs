@@ -6,7 +6,6 @@
 
 use std::time::Duration;
 
-use nth_tests::cluster::Backend;
 use nth_tests::on_both_backends;
 use nth_tests::runtime_api::Outcome;
 use nth_tests::sandbox::{sandbox_behaviour, Sandbox};

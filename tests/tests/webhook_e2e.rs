@@ -1,7 +1,6 @@
 //! Webhook notices from the real nth-lambda binary to a receiver in the rig, with the drain
 //! on either Kubernetes backend.
 
-use nth_tests::cluster::Backend;
 use nth_tests::on_both_backends;
 use nth_tests::runtime_api::Outcome;
 use nth_tests::sandbox::{sandbox_behaviour, Sandbox};
