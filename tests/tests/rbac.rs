@@ -110,9 +110,9 @@ on_both_backends! {
             ("the rebalance result", format!("{rebalance:?}")),
             ("the function's log", sandbox.lambda.output().join("\n")),
         ] {
-            let text = text.to_lowercase();
+            // The API server words every 403 as "... is forbidden: User ... cannot ...".
             assert!(
-                !text.contains("forbidden") && !text.contains(" 403"),
+                !text.to_lowercase().contains("forbidden"),
                 "{what} shows a refused request:\n{text}"
             );
         }
