@@ -297,6 +297,24 @@ impl Cluster {
             Self::Real(real) => real.terminate_namespace(namespace, lag).await,
         }
     }
+
+    /// The real control plane's side of the cluster; `None` on the emulator.
+    pub fn real(&self) -> Option<&RealCluster> {
+        match self {
+            Self::Emulator(_) => None,
+            Self::Real(real) => Some(real),
+        }
+    }
+
+    /// A kubeconfig as an operator has one for an EKS cluster: the server, its CA and a
+    /// presigned `k8s-aws-v1.` token for `cluster` (valid 15 minutes) from the test
+    /// credentials, judged like the function's own.
+    pub fn kubeconfig(&self, cluster: &str) -> anyhow::Result<Value> {
+        match self {
+            Self::Emulator(api) => crate::kube::kubeconfig(api, cluster),
+            Self::Real(real) => real.kubeconfig(cluster),
+        }
+    }
 }
 
 /// Runs an async test body once on each backend: `<name>::emulator` and `<name>::real`. The

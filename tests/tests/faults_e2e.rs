@@ -1,12 +1,16 @@
 //! Faults through the real binary: transient errors are ridden out inside the deadline; work
 //! that cannot be done fails the invocation so that Lambda retries it (and, in the end,
-//! keeps it in the dead-letter queue).
+//! keeps it in the dead-letter queue). Faults of AWS's endpoints run on both Kubernetes
+//! backends; faults of the API server only the emulator can inject, so those tests run on it
+//! alone, each saying why.
 
 use std::time::Duration;
 
+use nth_tests::on_both_backends;
 use nth_tests::runtime_api::Outcome;
-use nth_tests::sandbox::Sandbox;
+use nth_tests::sandbox::{sandbox_behaviour, Sandbox};
 
+// Emulator only: injects 503, 500 and 429 answers into the API server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_api_server_errors_are_retried() -> anyhow::Result<()> {
     let sandbox = Sandbox::start(&[]).await?;
@@ -38,21 +42,25 @@ async fn transient_api_server_errors_are_retried() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ec2_throttling_is_survived() -> anyhow::Result<()> {
-    let sandbox = Sandbox::start(&[]).await?;
-    sandbox
-        .aws
-        .fail("DescribeInstances", "RequestLimitExceeded", 2);
+on_both_backends! {
+    async fn ec2_throttling_is_survived(backend: Backend) -> anyhow::Result<()> {
+        let sandbox = Sandbox::start_on(backend, &[], sandbox_behaviour()).await?;
+        sandbox
+            .aws
+            .fail("DescribeInstances", "RequestLimitExceeded", 2);
 
-    let outcome = sandbox.invoke(sandbox.spot_event("throttled-1")).await?;
+        let outcome = sandbox.invoke(sandbox.spot_event("throttled-1")).await?;
 
-    assert_eq!(outcome.summary(), "drained");
-    let calls = sandbox.aws.count("DescribeInstances");
-    assert_eq!(calls, 3, "two throttled attempts, then success");
-    Ok(())
+        assert_eq!(outcome.summary(), "drained", "{outcome:?}");
+        let calls = sandbox.aws.count("DescribeInstances");
+        assert_eq!(calls, 3, "two throttled attempts, then success");
+        let node = sandbox.kube.node(sandbox.node_name()).await?.expect("node");
+        assert_eq!(node["spec"]["unschedulable"], true);
+        Ok(())
+    }
 }
 
+// Emulator only: resets the API server's connections and hangs a PATCH.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_connections_and_a_hung_api_server_are_retried() -> anyhow::Result<()> {
     let sandbox = Sandbox::start(&[]).await?;
@@ -85,22 +93,26 @@ async fn dropped_connections_and_a_hung_api_server_are_retried() -> anyhow::Resu
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hung_aws_endpoint_is_timed_out_and_retried() -> anyhow::Result<()> {
-    let sandbox = Sandbox::start(&[]).await?;
-    // Longer than the 5 s attempt timeout.
-    sandbox
-        .aws
-        .delay("DescribeInstances", Duration::from_secs(8), 1);
+on_both_backends! {
+    async fn a_hung_aws_endpoint_is_timed_out_and_retried(backend: Backend) -> anyhow::Result<()> {
+        let sandbox = Sandbox::start_on(backend, &[], sandbox_behaviour()).await?;
+        // Longer than the 5 s attempt timeout.
+        sandbox
+            .aws
+            .delay("DescribeInstances", Duration::from_secs(8), 1);
 
-    let outcome = sandbox.invoke(sandbox.spot_event("hung-aws-1")).await?;
+        let outcome = sandbox.invoke(sandbox.spot_event("hung-aws-1")).await?;
 
-    assert_eq!(outcome.summary(), "drained");
-    let calls = sandbox.aws.count("DescribeInstances");
-    assert_eq!(calls, 2, "the hung attempt, then a fresh one");
-    Ok(())
+        assert_eq!(outcome.summary(), "drained", "{outcome:?}");
+        let calls = sandbox.aws.count("DescribeInstances");
+        assert_eq!(calls, 2, "the hung attempt, then a fresh one");
+        let node = sandbox.kube.node(sandbox.node_name()).await?.expect("node");
+        assert_eq!(node["spec"]["unschedulable"], true);
+        Ok(())
+    }
 }
 
+// One backend is enough: the endpoint is a closed port, so no API server is reached.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_api_server_fails_the_invocation_for_a_retry() -> anyhow::Result<()> {
     let closed = nth_tests::free_port()?;
@@ -124,6 +136,7 @@ async fn an_unreachable_api_server_fails_the_invocation_for_a_retry() -> anyhow:
     Ok(())
 }
 
+// Emulator only: injects 503s into the pod list, and counts the PATCHes it received.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_event_after_a_partial_drain_finishes_the_work() -> anyhow::Result<()> {
     let sandbox = Sandbox::start(&[]).await?;
@@ -163,6 +176,7 @@ async fn a_retried_event_after_a_partial_drain_finishes_the_work() -> anyhow::Re
     Ok(())
 }
 
+// Emulator only: shortens token lifetimes (the real server keeps accepted tokens 10 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_refused_mid_drain_is_replaced() -> anyhow::Result<()> {
     let mut behaviour = nth_tests::sandbox::sandbox_behaviour();

@@ -428,6 +428,29 @@ impl ControlPlane {
     pub async fn lease(&'static self) -> anyhow::Result<Lease> {
         Lease::take(self).await
     }
+
+    /// Runs `kubectl` as cluster-admin against this plane. Blocks (RBAC edits and their
+    /// restore, which must also run from a `Drop`).
+    pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        Command::new("kubectl")
+            .arg(format!(
+                "--kubeconfig={}",
+                self.dir.join("admin.kubeconfig").display()
+            ))
+            .arg(format!(
+                "--cache-dir={}",
+                self.dir.join("kubectl-cache").display()
+            ))
+            .args(args)
+            .output()
+            .context("running kubectl (is it on the PATH?)")
+    }
+
+    /// Applies the shipped RBAC manifests again, undoing a test's edit of them: the lease's
+    /// wipe leaves RBAC objects alone. Blocks.
+    pub fn reapply_rbac(&self) -> anyhow::Result<()> {
+        apply_rbac(&self.dir.join("admin.kubeconfig"), &self.dir)
+    }
 }
 
 /// `inner`, with every request made on the plane's runtime. Tests call the admin client
