@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-/// Why an instance is going away (or, for the last two, coming back or arriving). Each
+/// Why an instance is going away (or, for the last three, coming back or arriving). Each
 /// disruptive kind has its own taint, so operators can tell from `kubectl describe node` what
 /// happened and tolerate one kind but not another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -26,10 +26,13 @@ pub enum InterruptionKind {
     InstanceRunning,
     /// Auto Scaling launched the instance and waits on a lifecycle hook for it to join.
     AsgLaunch,
+    /// AWS Health closed a reboot maintenance of the instance: the reboot is over (or was
+    /// cancelled) and the instance, and its node, stay.
+    MaintenanceClosed,
 }
 
 impl InterruptionKind {
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::SpotInterruption,
         Self::RebalanceRecommendation,
         Self::AsgTermination,
@@ -38,6 +41,7 @@ impl InterruptionKind {
         Self::CapacityReservationInterruption,
         Self::InstanceRunning,
         Self::AsgLaunch,
+        Self::MaintenanceClosed,
     ];
 
     /// The taint key suffix, after `<prefix>/`. The names match aws-node-termination-handler's,
@@ -50,7 +54,7 @@ impl InterruptionKind {
             Self::ScheduledMaintenance => "scheduled-maintenance",
             Self::InstanceStopping => "instance-stopping",
             Self::CapacityReservationInterruption => "capacity-reservation-interruption",
-            Self::InstanceRunning | Self::AsgLaunch => "",
+            Self::InstanceRunning | Self::AsgLaunch | Self::MaintenanceClosed => "",
         }
     }
 
@@ -65,6 +69,7 @@ impl InterruptionKind {
             Self::CapacityReservationInterruption => "CapacityReservationInterruption",
             Self::InstanceRunning => "InstanceRunning",
             Self::AsgLaunch => "ASGLifecycleLaunch",
+            Self::MaintenanceClosed => "MaintenanceClosed",
         }
     }
 
@@ -78,6 +83,23 @@ impl InterruptionKind {
             Self::CapacityReservationInterruption => "capacity-reservation-interruption",
             Self::InstanceRunning => "instance-running",
             Self::AsgLaunch => "asg-launch",
+            Self::MaintenanceClosed => "maintenance-closed",
+        }
+    }
+
+    /// The kind whose marks this one takes back: an instance running again ends a stop, a
+    /// closed reboot maintenance ends the maintenance. `None` for every kind that marks.
+    pub fn restores(self) -> Option<Self> {
+        match self {
+            Self::InstanceRunning => Some(Self::InstanceStopping),
+            Self::MaintenanceClosed => Some(Self::ScheduledMaintenance),
+            Self::SpotInterruption
+            | Self::RebalanceRecommendation
+            | Self::AsgTermination
+            | Self::ScheduledMaintenance
+            | Self::InstanceStopping
+            | Self::CapacityReservationInterruption
+            | Self::AsgLaunch => None,
         }
     }
 }
@@ -144,5 +166,19 @@ mod tests {
             assert_eq!(kind.as_str().parse::<InterruptionKind>(), Ok(kind));
         }
         assert!("spot".parse::<InterruptionKind>().is_err());
+    }
+
+    #[test]
+    fn only_kinds_without_a_taint_restore_and_they_restore_a_kind_with_one() {
+        for kind in InterruptionKind::ALL {
+            if let Some(ended) = kind.restores() {
+                assert_eq!(kind.taint_suffix(), "", "{kind}");
+                assert_ne!(ended.taint_suffix(), "", "{kind} restores {ended}");
+            }
+        }
+        assert_eq!(
+            InterruptionKind::MaintenanceClosed.restores(),
+            Some(InterruptionKind::ScheduledMaintenance)
+        );
     }
 }

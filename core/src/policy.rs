@@ -116,7 +116,9 @@ pub enum Action {
         cordon: bool,
         drain: bool,
     },
-    /// Uncordon and untaint a node that nth cordoned because its instance stopped.
+    /// Take nth's marks off a node that nth marked for the kind the interruption ends
+    /// (`InterruptionKind::restores`: a stop, a scheduled reboot maintenance); uncordon it if
+    /// the cordon was nth's.
     Restore,
     /// Wait for the instance's node to join and be Ready.
     WaitReady,
@@ -194,7 +196,7 @@ impl Policy {
             | K::InstanceStopping
             | K::CapacityReservationInterruption => Some(Response::Disrupt(Disruption::FULL)),
             K::RebalanceRecommendation => Some(Response::Disrupt(Disruption::MARK)),
-            K::InstanceRunning | K::AsgLaunch => None,
+            K::InstanceRunning | K::AsgLaunch | K::MaintenanceClosed => None,
         }
     }
 
@@ -208,7 +210,7 @@ impl Policy {
             .or_else(|| Self::default_response(kind));
         match (kind, response) {
             (_, Some(Response::Ignore)) => Action::Ignore,
-            (K::InstanceRunning, _) => Action::Restore,
+            (kind, _) if kind.restores().is_some() => Action::Restore,
             (K::AsgLaunch, _) => Action::WaitReady,
             (_, Some(Response::Disrupt(d))) => Action::Disrupt {
                 taint: d.taint.then(|| self.taint_key(kind)),
@@ -307,6 +309,11 @@ mod tests {
         assert_eq!(
             policy.plan(&interruption(InterruptionKind::AsgLaunch)),
             Action::WaitReady
+        );
+        assert_eq!(
+            policy.plan(&interruption(InterruptionKind::MaintenanceClosed)),
+            Action::Restore,
+            "a closed reboot maintenance takes back what its scheduling did"
         );
         let quiet = Policy {
             overrides: HashMap::from([(InterruptionKind::AsgLaunch, Response::Ignore)]),

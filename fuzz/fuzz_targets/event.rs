@@ -1,5 +1,6 @@
 //! Fuzzes EventBridge event parsing and normalisation: any bytes that are JSON go through
-//! `eventbridge::parse` and `handler::explain` (parse, then the default policy's plan).
+//! `eventbridge::parse` and `handler::explain` (parse, then the default policy's plan), and
+//! `Continuation::from_payload`, which reads the payload a drain sends itself.
 //!
 //! Properties, the same as the property test in lambda/src/eventbridge/tests.rs:
 //! nothing panics, and every error names the field that is wrong.
@@ -9,6 +10,7 @@ use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
 use nth_core::Policy;
+use nth_lambda::continuation::Continuation;
 use nth_lambda::eventbridge::{parse, EventError, Parsed};
 use nth_lambda::handler::explain;
 use serde_json::Value;
@@ -26,6 +28,7 @@ fn check_error(error: &EventError, input: &Value) {
             path,
             path == "id" || path == "time" || path.starts_with("detail"),
         ),
+        EventError::Continuation { path, .. } => (path, path.starts_with("nth-continuation.")),
     };
     assert!(names_a_field, "error names no field: {message}");
     assert!(
@@ -58,5 +61,14 @@ fuzz_target!(|data: &[u8]| {
             assert!(parsed.is_err(), "explain failed where parse did not");
             check_error(&error, &event);
         }
+    }
+    match Continuation::from_payload(&event) {
+        Ok(Some(c)) => assert!(
+            (2..=nth_lambda::continuation::MAX_ROUNDS).contains(&c.round),
+            "round {} accepted",
+            c.round
+        ),
+        Ok(None) => {}
+        Err(error) => check_error(&error, &event),
     }
 });

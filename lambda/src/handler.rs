@@ -10,8 +10,8 @@ use nth_core::drain::DrainDeadline;
 use nth_core::node::{node_is_ready, provider_id_matches};
 use nth_core::NodeError;
 use nth_core::{
-    Action, DrainReport, EventType, Interruption, InterruptionKind, MarkOutcome, Notice, Policy,
-    RestoreOutcome, Webhook,
+    Action, DrainReport, EventType, Interruption, MarkOutcome, Notice, Policy, RestoreOutcome,
+    Webhook,
 };
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -112,6 +112,7 @@ pub fn explain(event: &Value, policy: &Policy) -> Result<Value, EventError> {
                     "deadline": i.deadline,
                     "detail": i.detail,
                     "action": action.name(),
+                    "restores": i.kind.restores(),
                     "taint": taint,
                     "lifecycle": i.lifecycle,
                 })
@@ -540,14 +541,16 @@ impl Handler {
             drain,
         } = action
         else {
-            let restored = cluster
-                .marker
-                .restore(&node, InterruptionKind::InstanceStopping, true)
-                .await?;
+            // The policy plans a restore only for a kind that ends another.
+            let Some(ended) = interruption.kind.restores() else {
+                return Ok(Prepared::from(Step::Done("nothing to restore".into())));
+            };
+            let restored = cluster.marker.restore(&node, ended, true).await?;
             if let RestoreOutcome::Restored { uncordoned } = restored {
                 let message = format!(
-                    "Instance {} is running again (event {}): {}",
+                    "Instance {}: {} (event {}) ends {ended}: {}",
                     interruption.instance_id,
+                    interruption.kind,
                     interruption.id,
                     if uncordoned {
                         "uncordoned and untainted"
@@ -560,17 +563,14 @@ impl Handler {
                     .emit(&node, EventType::Normal, "Uncordoned", &message)
                     .await;
             }
-            return Ok(Prepared::from(Step::Done(
-                match restored {
-                    RestoreOutcome::Restored { uncordoned: true } => "uncordoned",
-                    RestoreOutcome::Restored { uncordoned: false } => {
-                        "untainted; the cordon was not nth's"
-                    }
-                    RestoreOutcome::NotOurs => "not cordoned by nth for a stop; left alone",
-                    RestoreOutcome::DryRun => "dry-run",
+            return Ok(Prepared::from(Step::Done(match restored {
+                RestoreOutcome::Restored { uncordoned: true } => "uncordoned".into(),
+                RestoreOutcome::Restored { uncordoned: false } => {
+                    "untainted; the cordon was not nth's".into()
                 }
-                .into(),
-            )));
+                RestoreOutcome::NotOurs => format!("not marked by nth for {ended}; left alone"),
+                RestoreOutcome::DryRun => "dry-run".into(),
+            })));
         };
         let marked = cluster
             .marker
@@ -634,7 +634,7 @@ impl Handler {
         let node_name = node.metadata.name.clone().unwrap_or_default();
         let window = drain_window(
             interruption.deadline,
-            run.drain_started + self.max_drain,
+            continuation::drain_limit(run.drain_started, self.max_drain),
             run.invocation.end,
         );
         let deadline = window.deadline;
@@ -941,5 +941,26 @@ mod tests {
         assert_eq!(plan["interruptions"][0]["action"], "taint+cordon+drain");
         assert_eq!(plan["interruptions"][0]["kind"], "spot-interruption");
         assert_eq!(plan["interruptions"][0]["deadline"], "2026-11-02T14:07:03Z");
+    }
+
+    #[test]
+    fn explain_says_a_closed_reboot_maintenance_gives_nodes_back() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/events/eventbridge/aws-health-reboot-maintenance-closed.json"
+        );
+        let mut event: Value =
+            serde_json::from_str(&std::fs::read_to_string(path).expect("sample")).expect("JSON");
+        let plan = explain(&event, &Policy::default()).expect("valid");
+        for i in plan["interruptions"].as_array().expect("a list") {
+            assert_eq!(i["kind"], "maintenance-closed");
+            assert_eq!(i["action"], "uncordon");
+            assert_eq!(i["restores"], "scheduled-maintenance");
+        }
+        event["detail"]["eventTypeCode"] = json!("AWS_EC2_INSTANCE_RETIREMENT_SCHEDULED");
+        let plan = explain(&event, &Policy::default()).expect("valid");
+        assert!(plan["skipped"]
+            .as_str()
+            .is_some_and(|s| s.contains("closed")));
     }
 }

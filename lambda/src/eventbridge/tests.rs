@@ -260,14 +260,240 @@ fn health_events_of_other_services_or_categories_are_skipped() {
     assert!(skipped(&event).contains("RDS"));
 }
 
+/// Years at and beyond chrono's range, a year 0 and a leap second: never a panic, and a time
+/// outside the window a real event can have is an error naming `time` and the value.
 #[test]
-fn health_start_time_must_be_a_time() {
-    let mut event = sample("aws-health-scheduled-change.json");
-    event["detail"]["startTime"] = json!("next tuesday");
-    assert!(parse(&event)
-        .expect_err("must fail")
+fn extreme_event_times_are_malformed_not_a_panic() {
+    for (time, expect) in [
+        ("+262142-12-31T23:59:59Z", Some("+262142")),
+        ("-262143-01-01T00:00:00Z", Some("-262143")),
+        ("0000-01-01T00:00:00Z", Some("0000-01-01")),
+        ("9999-12-31T23:59:60Z", Some("9999-12-31")),
+        ("2999-01-01T00:00:00Z", Some("2999-01-01")),
+        ("2006-08-24T23:59:59Z", Some("2006-08-24")),
+        ("2006-08-25T00:00:00Z", None),
+    ] {
+        for name in [
+            "spot-interruption-warning.json",
+            "instance-state-change.json",
+            "asg-terminate-lifecycle-action.json",
+            "aws-health-scheduled-change.json",
+        ] {
+            let mut event = sample(name);
+            event["time"] = json!(time);
+            let parsed = std::panic::catch_unwind(|| parse(&event))
+                .unwrap_or_else(|_| panic!("{name} with time {time} panicked"));
+            match (parsed, expect) {
+                (Err(EventError::Malformed { path, message, .. }), Some(value)) => {
+                    assert_eq!(path, "time", "{message}");
+                    assert!(message.contains(value), "{message}");
+                }
+                (Ok(_), None) => {}
+                (other, _) => panic!("{name} with time {time}: {other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn event_times_may_be_a_little_ahead_but_not_a_day() {
+    let mut event = sample("spot-interruption-warning.json");
+    let now = chrono::Utc::now();
+    event["time"] = json!((now + TimeDelta::hours(1)).to_rfc3339());
+    assert!(interruptions(&event)[0].deadline.is_some());
+    event["time"] = json!((now + MAX_FUTURE_SKEW + TimeDelta::minutes(5)).to_rfc3339());
+    let message = parse(&event).expect_err("a day ahead").to_string();
+    assert!(
+        message.contains("time: ") && message.contains("ahead"),
+        "{message}"
+    );
+    // Old events are redelivered (dead-letter redrive, archive replay): not malformed.
+    event["time"] = json!("2016-06-05T06:27:57Z");
+    assert_eq!(interruptions(&event).len(), 1);
+}
+
+/// An unreadable maintenance start only costs the deadline: every instance is still
+/// drained, without one.
+#[test]
+fn health_start_time_unreadable_or_empty_means_no_deadline() {
+    for start in [
+        json!("next tuesday"),
+        json!(""),
+        json!("   "),
+        json!(1_700_000_000),
+        json!(null),
+        json!("2026-13-45T99:99:99Z"),
+    ] {
+        let mut event = sample("aws-health-scheduled-change.json");
+        event["detail"]["startTime"] = start.clone();
+        event["detail"]["endTime"] = json!("");
+        let list = interruptions(&event);
+        assert_eq!(list.len(), 2, "{start}");
+        assert!(list.iter().all(|i| i.deadline.is_none()), "{start}");
+    }
+}
+
+/// AWS's own documented Health sample: 5 June 2016 was a Sunday, the sample says Sat.
+#[test]
+fn health_start_time_with_a_wrong_weekday_is_read_by_its_date() {
+    let list = interruptions(&sample("aws-health-documentation-sample.json"));
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].instance_id, "i-12345678");
+    assert_eq!(
+        list[0].deadline.map(|d| d.to_rfc3339()),
+        Some("2016-06-05T15:10:09+00:00".to_owned())
+    );
+    for (text, expect) in [
+        ("Sat, 05 Jun 2016 15:10:09 GMT", "2016-06-05T15:10:09+00:00"),
+        ("Sun, 05 Jun 2016 15:10:09 GMT", "2016-06-05T15:10:09+00:00"),
+        ("05 Jun 2016 15:10:09 GMT", "2016-06-05T15:10:09+00:00"),
+        (
+            "Mon, 2 Nov 2026 06:02:51 +0100",
+            "2026-11-02T05:02:51+00:00",
+        ),
+        ("2026-11-02T06:02:51Z", "2026-11-02T06:02:51+00:00"),
+        (
+            "2026-11-02T06:02:51.5+02:00",
+            "2026-11-02T04:02:51.500+00:00",
+        ),
+    ] {
+        assert_eq!(
+            health_time("detail.startTime", &json!(text)).map(|t| t.to_rfc3339()),
+            Ok(expect.to_owned()),
+            "{text}"
+        );
+    }
+}
+
+/// A time that cannot be read is reported under the format its shape asked for, not under
+/// the other format's complaint.
+#[test]
+fn health_time_errors_quote_the_format_tried() {
+    let error = |text: &str| {
+        health_time("detail.startTime", &json!(text))
+            .expect_err("unreadable")
+            .to_string()
+    };
+    let message = error("Sat, 31 Foo 2016 15:10:09 GMT");
+    assert!(
+        message.starts_with(
+            "detail.startTime: \"Sat, 31 Foo 2016 15:10:09 GMT\" is not an RFC 2822 time"
+        ),
+        "{message}"
+    );
+    let message = error("2026-13-45T99:99:99Z");
+    assert!(
+        message.starts_with("detail.startTime: \"2026-13-45T99:99:99Z\" is not an RFC 3339 time"),
+        "{message}"
+    );
+    // Not a four-digit year: RFC 3339 refuses it, and says so.
+    let message = error("+262142-12-31T23:59:59Z");
+    assert!(message.contains("is not an RFC 3339 time"), "{message}");
+    assert_eq!(error(" "), "detail.startTime: empty");
+    assert!(health_time("detail.startTime", &json!(7))
+        .expect_err("a number")
         .to_string()
-        .contains("detail.startTime"));
+        .contains("detail.startTime: a number, not a string"));
+}
+
+/// One entity AWS (or a mutation) wrote badly never fails the event's other instances.
+#[test]
+fn a_bad_health_entity_never_fails_the_others() {
+    let mut event = sample("aws-health-scheduled-change.json");
+    event["detail"]["affectedEntities"] = json!([
+        {"entityValue": 42},
+        {"tags": {"team": "a"}},
+        "i-0ffffffffffffffff",
+        {"entityValue": "123456789012"},
+        {"entityValue": "i-0a1b2c3d4e5f60718", "statusCode": "IMPAIRED"},
+    ]);
+    let list = interruptions(&event);
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].instance_id, "i-0a1b2c3d4e5f60718");
+    // A list that is not a list falls back on the event's resources.
+    event["detail"]["affectedEntities"] = json!("i-0a1b2c3d4e5f60718");
+    assert_eq!(interruptions(&event).len(), 2);
+}
+
+/// AWS Health publishes one event several times (upcoming, open, updates, closed), each
+/// under a new EventBridge id: the interruption ids come from the eventArn, so the node's
+/// marks recognise every publication as the one they record and drain once.
+#[test]
+fn health_republished_under_a_new_id_is_the_same_interruption() {
+    let first = sample("aws-health-scheduled-change.json");
+    let mut again = first.clone();
+    again["id"] = json!("0d1c6a47-2f1e-4d27-9c3b-5a4e8f7b6c21");
+    again["time"] = json!("2026-11-02T03:10:00Z");
+    again["detail"]["statusCode"] = json!("open");
+    let ids =
+        |event: &Value| -> Vec<String> { interruptions(event).into_iter().map(|i| i.id).collect() };
+    assert_eq!(ids(&first), ids(&again));
+    assert!(
+        ids(&first)[0].starts_with("arn:aws:health:"),
+        "{:?}",
+        ids(&first)
+    );
+    // Without an eventArn, the EventBridge id is all there is.
+    let mut anonymous = first.clone();
+    anonymous["detail"]
+        .as_object_mut()
+        .map(|d| d.remove("eventArn"));
+    assert!(ids(&anonymous)[0].starts_with("7fb65329"));
+}
+
+#[test]
+fn health_statuses_upcoming_and_open_drain_closed_never_does() {
+    for status in ["upcoming", "open"] {
+        let mut event = sample("aws-health-scheduled-change.json");
+        event["detail"]["statusCode"] = json!(status);
+        assert!(interruptions(&event)
+            .iter()
+            .all(|i| i.kind == InterruptionKind::ScheduledMaintenance));
+    }
+    // A closed retirement: nothing to drain after the fact, nothing to give back.
+    let mut event = sample("aws-health-scheduled-change.json");
+    event["detail"]["statusCode"] = json!("closed");
+    let reason = skipped(&event);
+    assert!(
+        reason.contains("closed") && reason.contains("RETIREMENT"),
+        "{reason}"
+    );
+    event["detail"]["statusCode"] = json!("resolved-ish");
+    assert!(skipped(&event).contains("resolved-ish"));
+}
+
+#[test]
+fn a_closed_reboot_maintenance_gives_each_instance_back() {
+    let closed = sample("aws-health-reboot-maintenance-closed.json");
+    let list = interruptions(&closed);
+    assert_eq!(list.len(), 2);
+    for i in &list {
+        assert_eq!(i.kind, InterruptionKind::MaintenanceClosed);
+        assert_eq!(
+            i.kind.restores(),
+            Some(InterruptionKind::ScheduledMaintenance)
+        );
+        assert_eq!(i.deadline, None, "nothing is drained: no deadline");
+        assert!(i.detail.ends_with("closed"), "{}", i.detail);
+    }
+    // The same ids as the event's upcoming publication marked the nodes with.
+    let mut upcoming = closed.clone();
+    upcoming["detail"]["statusCode"] = json!("upcoming");
+    let marked = interruptions(&upcoming);
+    assert!(marked
+        .iter()
+        .all(|i| i.kind == InterruptionKind::ScheduledMaintenance));
+    assert_eq!(
+        marked.iter().map(|i| &i.id).collect::<Vec<_>>(),
+        list.iter().map(|i| &i.id).collect::<Vec<_>>()
+    );
+    let mut instance_reboot = closed.clone();
+    instance_reboot["detail"]["eventTypeCode"] =
+        json!("AWS_EC2_INSTANCE_REBOOT_MAINTENANCE_SCHEDULED");
+    assert_eq!(
+        interruptions(&instance_reboot)[0].kind,
+        InterruptionKind::MaintenanceClosed
+    );
 }
 
 #[test]
@@ -314,8 +540,14 @@ fn arbitrary(rng: &mut Rng, depth: usize) -> Value {
                 "2026-13-45T99:99:99Z",
                 "Mon, 32 Foo 2026",
                 "\u{0}\u{ffff}",
-                "x".repeat(10_000).as_str()
-            ][rng.below(7)]
+                "x".repeat(10_000).as_str(),
+                "+262142-12-31T23:59:59Z",
+                "-262143-01-01T00:00:00Z",
+                "0000-01-01T00:00:00Z",
+                "9999-12-31T23:59:60Z",
+                "Sat, 05 Jun 2016 15:10:09 GMT",
+                "closed",
+            ][rng.below(13)]
         ),
         4 => json!(-1.5e308),
         5 => Value::Array(
@@ -357,6 +589,8 @@ fn mutated_events_never_panic_and_errors_name_a_field() {
         "asg-launch-lifecycle-action.json",
         "instance-state-change.json",
         "aws-health-scheduled-change.json",
+        "aws-health-reboot-maintenance-closed.json",
+        "aws-health-documentation-sample.json",
     ];
     let mut rng = Rng(0x5EED_1234_ABCD_0001);
     let mut errors = 0;
@@ -392,6 +626,8 @@ fn mutated_events_never_panic_and_errors_name_a_field() {
                     EventError::Malformed { path, .. } => {
                         path == "id" || path == "time" || path.starts_with("detail")
                     }
+                    // Only a continuation payload is refused this way, never an event.
+                    EventError::Continuation { .. } => false,
                 };
                 assert!(names_a_field, "{name}: error names no field: {message}");
             }
