@@ -216,6 +216,85 @@ impl Cluster {
             }
         }
     }
+    /// Writes the node's Ready condition, as its kubelet does (on the real server, a node
+    /// turning Ready also loses the not-ready taint, as the node lifecycle controller does).
+    pub async fn set_node_ready(&self, name: &str, ready: bool) -> anyhow::Result<()> {
+        match self {
+            Self::Emulator(api) => api.world(|w| {
+                let rv = w.next_resource_version();
+                let node = w
+                    .nodes
+                    .get_mut(name)
+                    .ok_or_else(|| anyhow::anyhow!("no node {name}"))?;
+                let status = if ready { "True" } else { "False" };
+                node["status"]["conditions"] =
+                    serde_json::json!([{"type": "Ready", "status": status}]);
+                node["metadata"]["resourceVersion"] = serde_json::json!(rv);
+                Ok(())
+            }),
+            Self::Real(real) => real.set_node_ready(name, ready).await,
+        }
+    }
+
+    /// Deletes the node (its pods stay, as no pod garbage collector runs).
+    pub async fn delete_node(&self, name: &str) -> anyhow::Result<()> {
+        match self {
+            Self::Emulator(api) => api.world(|w| {
+                w.nodes
+                    .remove(name)
+                    .map(drop)
+                    .ok_or_else(|| anyhow::anyhow!("no node {name}"))
+            }),
+            Self::Real(real) => real.delete_node(name).await,
+        }
+    }
+
+    /// Changes a budget with a merge patch, as `kubectl patch pdb --type merge` does.
+    pub async fn patch_pdb(&self, namespace: &str, name: &str, patch: Value) -> anyhow::Result<()> {
+        match self {
+            Self::Emulator(api) => api.world(|w| {
+                let key = (namespace.to_owned(), name.to_owned());
+                let mut pdb =
+                    w.pdbs.get(&key).cloned().ok_or_else(|| {
+                        anyhow::anyhow!("no PodDisruptionBudget {namespace}/{name}")
+                    })?;
+                crate::kube::patch::merge(&mut pdb, &patch);
+                w.add_pdb(pdb);
+                Ok(())
+            }),
+            Self::Real(real) => real.patch_pdb(namespace, name, patch).await,
+        }
+    }
+
+    /// Each pod as a watch first showed it terminating, in order (one deleted without a grace
+    /// period, as it went, with `deletionGracePeriodSeconds` 0): what `kubectl get pods -w`
+    /// shows of the grace each pod was given.
+    pub fn pod_terminations(&self) -> Vec<Value> {
+        match self {
+            Self::Emulator(api) => api.world(|w| {
+                let mut seen = std::collections::HashSet::new();
+                let changes = w
+                    .watch_from(w.oldest_watchable())
+                    .map(|(past, _live)| past)
+                    .unwrap_or_default();
+                changes
+                    .iter()
+                    .filter(|c| {
+                        c.kind == "DELETED" || crate::kube::state::is_terminating(&c.object)
+                    })
+                    .filter(|c| seen.insert(c.object["metadata"]["uid"].to_string()))
+                    .map(|c| {
+                        let mut pod = c.object.clone();
+                        if pod["metadata"]["deletionGracePeriodSeconds"].is_null() {
+                            pod["metadata"]["deletionGracePeriodSeconds"] = serde_json::json!(0);
+                        }
+                        pod
+                    })
+                    .collect()
+            }),
+            Self::Real(real) => real.pod_terminations(),
+        }
+    }
 }
 
 /// Runs an async test body once on each backend: `<name>::emulator` and `<name>::real`. The

@@ -38,6 +38,10 @@ struct Observed {
     /// healthy pod are the emulator's, which the observer must agree with.
     mirror: World,
     min_healthy: HashMap<Key, i64>,
+    /// Each pod as the watch first showed it terminating (or gone, for a deletion without
+    /// grace that it never saw terminating), in order; and their uids.
+    terminations: Vec<Value>,
+    terminated: HashSet<String>,
 }
 
 fn resource_version(object: &Value) -> u64 {
@@ -53,6 +57,8 @@ impl Observer {
             inner: Arc::new(Mutex::new(Observed {
                 mirror: World::new(Behaviour::default()),
                 min_healthy: HashMap::new(),
+                terminations: Vec::new(),
+                terminated: HashSet::new(),
             })),
             caught_up: Arc::new(tokio::sync::watch::channel(0).0),
         }
@@ -98,8 +104,15 @@ impl Observer {
         self.lock().min_healthy.get(key).copied()
     }
 
+    pub fn terminations(&self) -> Vec<Value> {
+        self.lock().terminations.clone()
+    }
+
     fn relist(&self, pods: Vec<Value>, resource_version: u64) {
         let mut observed = self.lock();
+        for pod in &pods {
+            observed.note_termination(pod, false);
+        }
         observed.mirror.pods = pods.into_iter().map(|p| (key_of(&p), p)).collect();
         observed.count_healthy();
         drop(observed);
@@ -108,6 +121,7 @@ impl Observer {
 
     fn changed(&self, pod: &Value, deleted: bool) {
         let mut observed = self.lock();
+        observed.note_termination(pod, deleted);
         let key = key_of(pod);
         if deleted {
             let same = observed
@@ -129,6 +143,20 @@ impl Observer {
 }
 
 impl Observed {
+    fn note_termination(&mut self, pod: &Value, deleted: bool) {
+        if !deleted && !is_terminating(pod) {
+            return;
+        }
+        let uid = pod["metadata"]["uid"].as_str().unwrap_or_default();
+        if self.terminated.insert(uid.to_owned()) {
+            let mut pod = pod.clone();
+            if pod["metadata"]["deletionGracePeriodSeconds"].is_null() {
+                pod["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+            }
+            self.terminations.push(pod);
+        }
+    }
+
     fn count_healthy(&mut self) {
         for (key, pdb) in &self.mirror.pdbs {
             let healthy = self.mirror.pdb_numbers(pdb).0;
