@@ -308,7 +308,9 @@ impl ControlPlane {
         admin_config.default_retry = false;
         let admin = {
             let _entered = runtime.enter();
-            kube::Client::try_from(admin_config).context("building the admin client")?
+            let inner =
+                kube::Client::try_from(admin_config).context("building the admin client")?;
+            on_plane_runtime(inner, runtime.handle().clone())
         };
         wait_until(&mut servers[1], "did not answer /readyz", || {
             runtime.block_on(async {
@@ -426,6 +428,26 @@ impl ControlPlane {
     pub async fn lease(&'static self) -> anyhow::Result<Lease> {
         Lease::take(self).await
     }
+}
+
+/// `inner`, with every request made on the plane's runtime. Tests call the admin client
+/// from their own runtimes, and hyper opens a connection (its socket and its task) on the
+/// runtime that polls the request: once that test's runtime ended, the pooled connection
+/// failed the next test's request ("dispatch task is gone", "a Tokio 1.x context was found,
+/// but it is being shutdown").
+fn on_plane_runtime(inner: kube::Client, plane: tokio::runtime::Handle) -> kube::Client {
+    let default_namespace = inner.default_namespace().to_owned();
+    let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
+        let inner = inner.clone();
+        let sent = plane.spawn(async move { inner.send(request).await });
+        async move {
+            match sent.await {
+                Ok(answer) => answer.map_err(tower::BoxError::from),
+                Err(join) => Err(tower::BoxError::from(join)),
+            }
+        }
+    });
+    kube::Client::new(service, default_namespace)
 }
 
 fn kubeconfig(url: &str, ca_pem: &str, user: &str, token: &str) -> Value {
