@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::envtest::{ControlPlane, RealCluster};
-use crate::kube::{AuthConfig, Behaviour, KubeApi};
+use crate::kube::{AuthConfig, Behaviour, Key, KubeApi};
 
 /// Which Kubernetes a test runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -216,23 +216,42 @@ impl Cluster {
             }
         }
     }
-    /// Writes the node's Ready condition, as its kubelet does (on the real server, a node
-    /// turning Ready also loses the not-ready taint, as the node lifecycle controller does).
-    pub async fn set_node_ready(&self, name: &str, ready: bool) -> anyhow::Result<()> {
+
+    /// Writes node status as the kubelet does (a new `nodeInfo.bootID` after a reboot):
+    /// `patch` (`{"status": {...}}`) merged through the status subresource.
+    pub async fn patch_node_status(&self, name: &str, patch: Value) -> anyhow::Result<()> {
+        match self {
+            Self::Emulator(api) => api
+                .world(|w| {
+                    w.write(
+                        crate::kube::Kind::Node,
+                        &(String::new(), name.to_owned()),
+                        crate::kube::Part::Status,
+                        |node| {
+                            crate::kube::patch::merge(node, &patch);
+                            Ok(())
+                        },
+                    )
+                })
+                .map(drop)
+                .map_err(|e| anyhow::anyhow!("writing node {name}'s status: {e:?}")),
+            Self::Real(real) => real.patch_node_status(name, patch).await,
+        }
+    }
+
+    /// The pods evicted, in order, with the grace period each was given: the emulator's
+    /// record of accepted evictions (the grace the eviction asked for); on the real server,
+    /// the pods in the order they began terminating, with their `deletionGracePeriodSeconds`.
+    pub fn terminations(&self) -> Vec<(Key, Option<i64>)> {
         match self {
             Self::Emulator(api) => api.world(|w| {
-                let rv = w.next_resource_version();
-                let node = w
-                    .nodes
-                    .get_mut(name)
-                    .ok_or_else(|| anyhow::anyhow!("no node {name}"))?;
-                let status = if ready { "True" } else { "False" };
-                node["status"]["conditions"] =
-                    serde_json::json!([{"type": "Ready", "status": status}]);
-                node["metadata"]["resourceVersion"] = serde_json::json!(rv);
-                Ok(())
+                w.record
+                    .evictions
+                    .iter()
+                    .map(|e| (e.key.clone(), e.grace_seconds))
+                    .collect()
             }),
-            Self::Real(real) => real.set_node_ready(name, ready).await,
+            Self::Real(real) => real.terminations(),
         }
     }
 
@@ -263,36 +282,6 @@ impl Cluster {
                 Ok(())
             }),
             Self::Real(real) => real.patch_pdb(namespace, name, patch).await,
-        }
-    }
-
-    /// Each pod as a watch first showed it terminating, in order (one deleted without a grace
-    /// period, as it went, with `deletionGracePeriodSeconds` 0): what `kubectl get pods -w`
-    /// shows of the grace each pod was given.
-    pub fn pod_terminations(&self) -> Vec<Value> {
-        match self {
-            Self::Emulator(api) => api.world(|w| {
-                let mut seen = std::collections::HashSet::new();
-                let changes = w
-                    .watch_from(w.oldest_watchable())
-                    .map(|(past, _live)| past)
-                    .unwrap_or_default();
-                changes
-                    .iter()
-                    .filter(|c| {
-                        c.kind == "DELETED" || crate::kube::state::is_terminating(&c.object)
-                    })
-                    .filter(|c| seen.insert(c.object["metadata"]["uid"].to_string()))
-                    .map(|c| {
-                        let mut pod = c.object.clone();
-                        if pod["metadata"]["deletionGracePeriodSeconds"].is_null() {
-                            pod["metadata"]["deletionGracePeriodSeconds"] = serde_json::json!(0);
-                        }
-                        pod
-                    })
-                    .collect()
-            }),
-            Self::Real(real) => real.pod_terminations(),
         }
     }
 }

@@ -434,39 +434,21 @@ impl RealCluster {
     pub fn auth_failures(&self) -> Vec<String> {
         self.lease.plane.authn.seen().failures.clone()
     }
-    /// Writes the node's Ready condition, as its kubelet does; a node turning Ready loses the
-    /// not-ready taint, as the node lifecycle controller (not run here) would lift it.
-    pub async fn set_node_ready(&self, name: &str, ready: bool) -> anyhow::Result<()> {
-        let api: Api<Node> = Api::all(self.client());
-        let status = if ready { "True" } else { "False" };
-        let written = api
-            .patch_status(
-                name,
-                &PatchParams::default(),
-                &Patch::Strategic(
-                    json!({"status": {"conditions": [{"type": "Ready", "status": status}]}}),
-                ),
-            )
+
+    /// Writes node status as the kubelet does: a merge patch of the status subresource
+    /// (`{"status": {...}}`), the only write that changes it.
+    pub async fn patch_node_status(&self, name: &str, patch: Value) -> anyhow::Result<()> {
+        Api::<Node>::all(self.client())
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
-            .with_context(|| format!("writing node {name}'s Ready condition"))?;
-        let taints = written.spec.and_then(|s| s.taints).unwrap_or_default();
-        if ready && taints.iter().any(|t| t.key == NOT_READY_TAINT) {
-            let kept: Vec<_> = taints
-                .into_iter()
-                .filter(|t| t.key != NOT_READY_TAINT)
-                .collect();
-            api.patch(
-                name,
-                &PatchParams::default(),
-                &Patch::Strategic(json!({
-                    "metadata": {"resourceVersion": written.metadata.resource_version},
-                    "spec": {"taints": kept},
-                })),
-            )
-            .await
-            .with_context(|| format!("lifting node {name}'s not-ready taint"))?;
-        }
+            .with_context(|| format!("writing node {name}'s status"))?;
         Ok(())
+    }
+
+    /// The pods that began terminating during the lease, in the order the pod watch saw
+    /// it, with their `deletionGracePeriodSeconds` (0 for a pod deleted at once).
+    pub fn terminations(&self) -> Vec<(Key, Option<i64>)> {
+        self.observer.terminations()
     }
 
     /// Deletes the node; its pods stay (no pod garbage collector runs).
@@ -486,11 +468,5 @@ impl RealCluster {
             .with_context(|| format!("patching PodDisruptionBudget {namespace}/{name}"))?;
         self.observer.add_pdb(serde_json::to_value(written)?);
         Ok(())
-    }
-
-    /// Each pod as the watch first showed it terminating, in order (a pod deleted without a
-    /// grace period, as it went, with `deletionGracePeriodSeconds` 0).
-    pub fn pod_terminations(&self) -> Vec<Value> {
-        self.observer.terminations()
     }
 }

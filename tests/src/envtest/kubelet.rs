@@ -38,9 +38,9 @@ struct Observed {
     /// healthy pod are the emulator's, which the observer must agree with.
     mirror: World,
     min_healthy: HashMap<Key, i64>,
-    /// Each pod as the watch first showed it terminating (or gone, for a deletion without
-    /// grace that it never saw terminating), in order; and their uids.
-    terminations: Vec<Value>,
+    /// Pods in the order they began terminating (or went at once), with the grace period
+    /// they were given; `terminated` holds their uids.
+    terminations: Vec<(Key, Option<i64>)>,
     terminated: HashSet<String>,
 }
 
@@ -104,7 +104,7 @@ impl Observer {
         self.lock().min_healthy.get(key).copied()
     }
 
-    pub fn terminations(&self) -> Vec<Value> {
+    pub fn terminations(&self) -> Vec<(Key, Option<i64>)> {
         self.lock().terminations.clone()
     }
 
@@ -144,17 +144,20 @@ impl Observer {
 
 impl Observed {
     fn note_termination(&mut self, pod: &Value, deleted: bool) {
-        if !deleted && !is_terminating(pod) {
+        let terminating = is_terminating(pod);
+        if !terminating && !deleted {
             return;
         }
         let uid = pod["metadata"]["uid"].as_str().unwrap_or_default();
-        if self.terminated.insert(uid.to_owned()) {
-            let mut pod = pod.clone();
-            if pod["metadata"]["deletionGracePeriodSeconds"].is_null() {
-                pod["metadata"]["deletionGracePeriodSeconds"] = json!(0);
-            }
-            self.terminations.push(pod);
+        if !self.terminated.insert(uid.to_owned()) {
+            return;
         }
+        let grace = if terminating {
+            pod["metadata"]["deletionGracePeriodSeconds"].as_i64()
+        } else {
+            Some(0)
+        };
+        self.terminations.push((key_of(pod), grace));
     }
 
     fn count_healthy(&mut self) {
