@@ -315,6 +315,36 @@ impl Cluster {
             Self::Real(real) => real.kubeconfig(cluster),
         }
     }
+
+    /// Deletes the node (its pods stay, as no pod garbage collector runs).
+    pub async fn delete_node(&self, name: &str) -> anyhow::Result<()> {
+        match self {
+            Self::Emulator(api) => api.world(|w| {
+                w.nodes
+                    .remove(name)
+                    .map(drop)
+                    .ok_or_else(|| anyhow::anyhow!("no node {name}"))
+            }),
+            Self::Real(real) => real.delete_node(name).await,
+        }
+    }
+
+    /// Changes a budget with a merge patch, as `kubectl patch pdb --type merge` does.
+    pub async fn patch_pdb(&self, namespace: &str, name: &str, patch: Value) -> anyhow::Result<()> {
+        match self {
+            Self::Emulator(api) => api.world(|w| {
+                let key = (namespace.to_owned(), name.to_owned());
+                let mut pdb =
+                    w.pdbs.get(&key).cloned().ok_or_else(|| {
+                        anyhow::anyhow!("no PodDisruptionBudget {namespace}/{name}")
+                    })?;
+                crate::kube::patch::merge(&mut pdb, &patch);
+                w.add_pdb(pdb);
+                Ok(())
+            }),
+            Self::Real(real) => real.patch_pdb(namespace, name, patch).await,
+        }
+    }
 }
 
 /// Runs an async test body once on each backend: `<name>::emulator` and `<name>::real`. The

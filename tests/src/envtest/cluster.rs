@@ -523,4 +523,23 @@ impl RealCluster {
         )?;
         Ok(super::kubeconfig(self.url(), self.ca_pem(), "nth", &token))
     }
+
+    /// Deletes the node; its pods stay (no pod garbage collector runs).
+    pub async fn delete_node(&self, name: &str) -> anyhow::Result<()> {
+        Api::<Node>::all(self.client())
+            .delete(name, &DeleteParams::default())
+            .await
+            .with_context(|| format!("deleting node {name}"))?;
+        Ok(())
+    }
+
+    /// Changes a budget (a merge patch), as an operator's `kubectl patch pdb` does.
+    pub async fn patch_pdb(&self, namespace: &str, name: &str, patch: Value) -> anyhow::Result<()> {
+        let written = Api::<PodDisruptionBudget>::namespaced(self.client(), namespace)
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .with_context(|| format!("patching PodDisruptionBudget {namespace}/{name}"))?;
+        self.observer.add_pdb(serde_json::to_value(written)?);
+        Ok(())
+    }
 }
