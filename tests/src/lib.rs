@@ -54,3 +54,54 @@ pub fn free_port() -> std::io::Result<u16> {
     let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
     Ok(listener.local_addr()?.port())
 }
+
+/// The test credentials, as a Lambda function's role hands them out.
+pub fn test_credentials() -> aws_credential_types::Credentials {
+    aws_credential_types::Credentials::new(
+        TEST_ACCESS_KEY,
+        TEST_SECRET_KEY,
+        Some(TEST_SESSION_TOKEN.to_owned()),
+        None,
+        "nth-tests",
+    )
+}
+
+/// nth's own EKS client stack for the API server at `url` (TLS against `ca_pem`, presigned
+/// `k8s-aws-v1.` tokens for `cluster` from the test credentials, no automatic 429 retry), as
+/// the Lambda function builds it.
+pub fn eks_client(url: &str, ca_pem: &str, cluster: &str) -> anyhow::Result<::kube::Client> {
+    use base64::Engine;
+    let tokens = std::sync::Arc::new(nth_lambda::token::TokenSource::new(
+        cluster.to_owned(),
+        TEST_REGION.to_owned(),
+        aws_credential_types::provider::SharedCredentialsProvider::new(test_credentials()),
+    ));
+    let ca_data = base64::engine::general_purpose::STANDARD.encode(ca_pem);
+    Ok(nth_lambda::cluster::eks_client(url, &ca_data, tokens)?)
+}
+
+/// A kubeconfig as an operator has one for an EKS cluster: the server, its CA and a
+/// presigned token for `cluster` from the test credentials (valid 15 minutes).
+pub fn eks_kubeconfig(url: &str, ca_pem: &str, cluster: &str) -> anyhow::Result<serde_json::Value> {
+    let token = nth_lambda::token::presign_token(
+        cluster,
+        TEST_REGION,
+        test_credentials(),
+        std::time::SystemTime::now(),
+    )?;
+    Ok(kubeconfig(url, ca_pem, "nth", &token))
+}
+
+/// A kubeconfig for the API server at `url` whose user presents `token`.
+pub fn kubeconfig(url: &str, ca_pem: &str, user: &str, token: &str) -> serde_json::Value {
+    use base64::Engine;
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Config", "current-context": "nth-tests",
+        "clusters": [{"name": "nth-tests", "cluster": {
+            "server": url,
+            "certificate-authority-data": base64::engine::general_purpose::STANDARD.encode(ca_pem),
+        }}],
+        "users": [{"name": user, "user": {"token": token}}],
+        "contexts": [{"name": "nth-tests", "context": {"cluster": "nth-tests", "user": user}}],
+    })
+}

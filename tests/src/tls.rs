@@ -14,6 +14,11 @@ use tokio::net::TcpListener;
 #[derive(Debug)]
 pub struct TestPki {
     pub ca_pem: String,
+    pub ca_der: Vec<u8>,
+    /// The serving certificate (127.0.0.1 and localhost) and its key, as PEM for a server
+    /// that reads files (the real kube-apiserver).
+    pub server_cert_pem: String,
+    pub server_key_pem: String,
     server_cert: CertificateDer<'static>,
     server_key: Vec<u8>,
 }
@@ -42,6 +47,9 @@ impl TestPki {
         let cert = params.signed_by(&key, &ca, &ca_key)?;
         Ok(Self {
             ca_pem: ca.pem(),
+            ca_der: ca.der().to_vec(),
+            server_cert_pem: cert.pem(),
+            server_key_pem: key.serialize_pem(),
             server_cert: cert.der().clone(),
             server_key: key.serialize_der(),
         })

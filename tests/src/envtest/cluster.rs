@@ -509,19 +509,7 @@ impl RealCluster {
     /// A kubeconfig with the server, its CA and a presigned EKS token for `cluster` from the
     /// test credentials (valid 15 minutes), as `aws eks get-token` gives an operator.
     pub fn kubeconfig(&self, cluster: &str) -> anyhow::Result<Value> {
-        let token = nth_lambda::token::presign_token(
-            cluster,
-            crate::TEST_REGION,
-            aws_credential_types::Credentials::new(
-                crate::TEST_ACCESS_KEY,
-                crate::TEST_SECRET_KEY,
-                Some(crate::TEST_SESSION_TOKEN.to_owned()),
-                None,
-                "nth-tests",
-            ),
-            std::time::SystemTime::now(),
-        )?;
-        Ok(super::kubeconfig(self.url(), self.ca_pem(), "nth", &token))
+        crate::eks_kubeconfig(self.url(), self.ca_pem(), cluster)
     }
 
     /// Deletes the node; its pods stay (no pod garbage collector runs).

@@ -22,10 +22,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use base64::Engine;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+use rcgen::KeyPair;
 use serde_json::{json, Value};
 
+use crate::tls::TestPki;
 use authn::Authn;
 
 /// The user of the static admin token (cluster-admin through `system:masters`).
@@ -325,7 +325,7 @@ impl ControlPlane {
         let admin_kubeconfig = dir.join("admin.kubeconfig");
         std::fs::write(
             &admin_kubeconfig,
-            kubeconfig(&url, &pki.ca_pem, "admin", &admin_token).to_string(),
+            crate::kubeconfig(&url, &pki.ca_pem, "admin", &admin_token).to_string(),
         )?;
         let kcm_port = crate::free_port()?;
         servers.push(Server::start(
@@ -387,28 +387,13 @@ impl ControlPlane {
     /// credentials, no automatic 429 retry), as the Lambda function builds it. Call it inside
     /// a runtime.
     pub fn eks_client(&self, cluster: &str) -> anyhow::Result<kube::Client> {
-        let credentials = aws_credential_types::Credentials::new(
-            crate::TEST_ACCESS_KEY,
-            crate::TEST_SECRET_KEY,
-            Some(crate::TEST_SESSION_TOKEN.to_owned()),
-            None,
-            "nth-tests",
-        );
-        let tokens = Arc::new(nth_lambda::token::TokenSource::new(
-            cluster.to_owned(),
-            crate::TEST_REGION.to_owned(),
-            aws_credential_types::provider::SharedCredentialsProvider::new(credentials),
-        ));
-        let ca_data = base64::engine::general_purpose::STANDARD.encode(&self.ca_pem);
-        Ok(nth_lambda::cluster::eks_client(
-            &self.url, &ca_data, tokens,
-        )?)
+        crate::eks_client(&self.url, &self.ca_pem, cluster)
     }
 
     /// A kubeconfig (server, CA, static token) for the agent's ServiceAccount, with the
     /// groups the API server gives a ServiceAccount token.
     pub fn agent_kubeconfig(&self) -> Value {
-        kubeconfig(&self.url, &self.ca_pem, "nth-agent", &self.agent_token)
+        crate::kubeconfig(&self.url, &self.ca_pem, "nth-agent", &self.agent_token)
     }
 
     /// Also accept EKS tokens signed for `cluster` from now on.
@@ -471,18 +456,6 @@ fn on_plane_runtime(inner: kube::Client, plane: tokio::runtime::Handle) -> kube:
         }
     });
     kube::Client::new(service, default_namespace)
-}
-
-fn kubeconfig(url: &str, ca_pem: &str, user: &str, token: &str) -> Value {
-    json!({
-        "apiVersion": "v1", "kind": "Config", "current-context": "envtest",
-        "clusters": [{"name": "envtest", "cluster": {
-            "server": url,
-            "certificate-authority-data": base64::engine::general_purpose::STANDARD.encode(ca_pem),
-        }}],
-        "users": [{"name": user, "user": {"token": token}}],
-        "contexts": [{"name": "envtest", "context": {"cluster": "envtest", "user": user}}],
-    })
 }
 
 /// Polls `ready` every 100 ms until it holds, the server exits, or [`START_TIMEOUT`].
@@ -564,38 +537,20 @@ struct Pki {
 
 impl Pki {
     fn write(dir: &Path) -> anyhow::Result<Self> {
-        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "nth envtest CA");
-        ca_params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca_key = KeyPair::generate()?;
-        let ca = ca_params.self_signed(&ca_key)?;
-        let mut params =
-            CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "kube-apiserver");
-        let key = KeyPair::generate()?;
-        let cert = params.signed_by(&key, &ca, &ca_key)?;
+        let pki = TestPki::generate()?;
         let sa_key = KeyPair::generate()?;
         for (name, content) in [
-            ("ca.crt", ca.pem()),
-            ("server.crt", cert.pem()),
-            ("server.key", key.serialize_pem()),
+            ("ca.crt", pki.ca_pem.clone()),
+            ("server.crt", pki.server_cert_pem),
+            ("server.key", pki.server_key_pem),
             ("sa.key", sa_key.serialize_pem()),
             ("sa.pub", sa_key.public_key_pem()),
         ] {
             std::fs::write(dir.join(name), content).with_context(|| format!("writing {name}"))?;
         }
         Ok(Self {
-            ca_pem: ca.pem(),
-            ca_der: ca.der().to_vec(),
+            ca_pem: pki.ca_pem,
+            ca_der: pki.ca_der,
         })
     }
 }

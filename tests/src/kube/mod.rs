@@ -1247,46 +1247,11 @@ async fn create_event(
 /// A kube client for the emulator through nth's own EKS client stack (TLS against the
 /// emulator's CA, a presigned token from the test credentials, no automatic 429 retry).
 pub fn client(api: &KubeApi, cluster: &str) -> anyhow::Result<kube::Client> {
-    use base64::Engine;
-    let credentials = aws_credential_types::Credentials::new(
-        crate::TEST_ACCESS_KEY,
-        crate::TEST_SECRET_KEY,
-        Some(crate::TEST_SESSION_TOKEN.to_owned()),
-        None,
-        "nth-tests",
-    );
-    let tokens = std::sync::Arc::new(nth_lambda::token::TokenSource::new(
-        cluster.to_owned(),
-        crate::TEST_REGION.to_owned(),
-        aws_credential_types::provider::SharedCredentialsProvider::new(credentials),
-    ));
-    let ca_data = base64::engine::general_purpose::STANDARD.encode(&api.ca_pem);
-    Ok(nth_lambda::cluster::eks_client(&api.url, &ca_data, tokens)?)
+    crate::eks_client(&api.url, &api.ca_pem, cluster)
 }
 
 /// A kubeconfig for the emulator: its URL and CA, and a presigned EKS token (valid 15
 /// minutes) from the test credentials for `cluster`.
 pub fn kubeconfig(api: &KubeApi, cluster: &str) -> anyhow::Result<serde_json::Value> {
-    use base64::Engine;
-    let token = nth_lambda::token::presign_token(
-        cluster,
-        crate::TEST_REGION,
-        aws_credential_types::Credentials::new(
-            crate::TEST_ACCESS_KEY,
-            crate::TEST_SECRET_KEY,
-            Some(crate::TEST_SESSION_TOKEN.to_owned()),
-            None,
-            "nth-tests",
-        ),
-        std::time::SystemTime::now(),
-    )?;
-    Ok(json!({
-        "apiVersion": "v1", "kind": "Config", "current-context": cluster,
-        "clusters": [{"name": cluster, "cluster": {
-            "server": api.url,
-            "certificate-authority-data": base64::engine::general_purpose::STANDARD.encode(&api.ca_pem),
-        }}],
-        "users": [{"name": "nth", "user": {"token": token}}],
-        "contexts": [{"name": cluster, "context": {"cluster": cluster, "user": "nth"}}],
-    }))
+    crate::eks_kubeconfig(&api.url, &api.ca_pem, cluster)
 }
