@@ -861,13 +861,25 @@ struct DrainWindow {
 /// began), whichever comes first; at that time a lifecycle action is completed and the
 /// instance goes, so pods are made to stop before it. An instance end already in the past
 /// (an old event retried from the dead-letter queue, a skewed clock) says nothing reliable
-/// about the instance and is ignored, instead of killing every pod with no grace.
+/// about the instance and is ignored, instead of killing every pod with no grace. A drain
+/// limit already past is not: it is nth's own (a continuation that arrived late), so the
+/// drain gives up at once and the lifecycle action is completed.
 fn drain_window(
     instance_end: Option<DateTime<Utc>>,
     drain_limit: DateTime<Utc>,
     invocation_end: DateTime<Utc>,
 ) -> DrainWindow {
     let now = Utc::now();
+    if drain_limit <= now {
+        warn!(%drain_limit, "the drain's limit (MAX_DRAIN_SECONDS) has passed; ending it now");
+        return DrainWindow {
+            deadline: DrainDeadline {
+                pods_stopped_by: None,
+                give_up_at: now,
+            },
+            may_continue: false,
+        };
+    }
     let end = instance_end
         .filter(|end| *end > now)
         .map_or(drain_limit, |end| end.min(drain_limit));
@@ -923,10 +935,14 @@ mod tests {
         // A deadline already past is ignored rather than turned into zero grace.
         let stale = drain_window(Some(now - TimeDelta::hours(3)), hour, at(900));
         assert_eq!(stale.deadline.pods_stopped_by, Some(hour - POD_STOP_MARGIN));
-        let stale = drain_window(None, now - TimeDelta::hours(3), at(900));
-        assert_eq!(stale.deadline.pods_stopped_by, None);
-        assert_eq!(stale.deadline.give_up_at, at(900) - INVOCATION_MARGIN);
-        assert!(!stale.may_continue);
+        // The drain's own limit already past (a continuation delivered late) is enforced:
+        // the drain ends now, not a whole invocation later.
+        let late = drain_window(None, now - TimeDelta::hours(3), at(900));
+        assert_eq!(late.deadline.pods_stopped_by, None);
+        assert!(late.deadline.give_up_at <= Utc::now());
+        assert!(!late.may_continue);
+        let late = drain_window(Some(at(120)), now - TimeDelta::seconds(1), at(900));
+        assert!(late.deadline.give_up_at <= Utc::now());
     }
 
     #[test]

@@ -201,3 +201,35 @@ async fn a_webhook_secret_that_cannot_be_read_never_stops_a_drain() -> anyhow::R
     assert!(counted, "and counted in the invocation's metrics");
     Ok(())
 }
+
+// Emulator only: what is under test is the function's own limit, not Kubernetes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_continuation_arriving_after_the_drain_limit_ends_the_drain_at_once() -> anyhow::Result<()>
+{
+    let sandbox = Sandbox::start(&[("MAX_DRAIN_SECONDS", "600")]).await?;
+    let instance = sandbox.instance.id.clone();
+    sandbox
+        .aws
+        .add_pending(GROUP, "node-drain", &instance, TOKEN);
+    // Lambda delivered the continuation late: the drain began 20 minutes ago, its limit
+    // (10 minutes) passed 10 minutes ago.
+    let started = chrono::Utc::now() - chrono::Duration::minutes(20);
+    let continuation = json!({"nth-continuation": {
+        "event": lifecycle_event("late-1", &instance, false),
+        "instance_id": instance,
+        "started": started,
+        "round": 3,
+    }});
+
+    let r = response(sandbox.invoke(continuation).await?, &sandbox);
+
+    // The node's pods would leave within seconds: a drain that ran on would complete. The
+    // limit ends it before that, and the hook is released.
+    assert_eq!(r["results"][0]["outcome"], "drain-incomplete", "{r:#}");
+    assert_eq!(r["results"][0]["lifecycle"], "completed", "{r:#}");
+    assert!(
+        sandbox.runtime.queue().async_outcomes().is_empty(),
+        "no further round is started"
+    );
+    Ok(())
+}
