@@ -644,6 +644,7 @@ impl Handler {
                     .with_heartbeats(
                         &interruption.instance_id,
                         lifecycle,
+                        run.continuation.is_some(),
                         cluster.drainer.drain(&node_name, deadline),
                     )
                     .await

@@ -124,11 +124,14 @@ impl Lifecycle {
     }
 
     /// Runs `work` while recording heartbeats every interval, so the hook does not time out
-    /// during a long drain. A failed heartbeat is logged; the work goes on.
+    /// during a long drain. A failed heartbeat is logged; the work goes on. `beat_first`
+    /// sends one at once: a continued round follows an invocation's end and Lambda's
+    /// queueing, a gap the previous round's last heartbeat does not cover.
     pub async fn with_heartbeats<F: std::future::Future>(
         &self,
         instance_id: &str,
         action: &LifecycleAction,
+        beat_first: bool,
         work: F,
     ) -> F::Output {
         let beater = {
@@ -139,7 +142,10 @@ impl Lifecycle {
             tokio::spawn(tracing::Instrument::instrument(
                 async move {
                     let mut ticker = tokio::time::interval(this.heartbeat_interval);
-                    ticker.tick().await;
+                    if !beat_first {
+                        // The interval's first tick is immediate.
+                        ticker.tick().await;
+                    }
                     loop {
                         ticker.tick().await;
                         if let Err(error) = this.heartbeat(&instance_id, &action).await {

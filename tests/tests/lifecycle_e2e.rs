@@ -233,3 +233,32 @@ async fn a_continuation_arriving_after_the_drain_limit_ends_the_drain_at_once() 
     );
     Ok(())
 }
+
+// Emulator only: what is under test is the function's heartbeats, not Kubernetes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_continued_round_sends_its_first_heartbeat_at_once() -> anyhow::Result<()> {
+    // A heartbeat interval longer than the whole drain: only a beat at the round's start is
+    // sent at all.
+    let sandbox = Sandbox::start(&[("LIFECYCLE_HEARTBEAT_SECONDS", "600")]).await?;
+    let instance = sandbox.instance.id.clone();
+    sandbox
+        .aws
+        .add_pending(GROUP, "node-drain", &instance, TOKEN);
+    let continuation = json!({"nth-continuation": {
+        "event": lifecycle_event("round-2", &instance, false),
+        "instance_id": instance,
+        "started": chrono::Utc::now() - chrono::Duration::minutes(5),
+        "round": 2,
+    }});
+
+    let r = response(sandbox.invoke(continuation).await?, &sandbox);
+
+    assert_eq!(r["results"][0]["outcome"], "drained", "{r:#}");
+    assert_eq!(
+        sandbox.aws.count("RecordLifecycleActionHeartbeat"),
+        1,
+        "the round began with a heartbeat: {:?}",
+        sandbox.aws.actions()
+    );
+    Ok(())
+}
