@@ -256,6 +256,20 @@ pub async fn add_node_to(
     Ok(())
 }
 
+/// The invocation's answer; a failed invocation fails the test, with the function's log.
+pub fn response(outcome: Outcome, sandbox: &Sandbox) -> Value {
+    match outcome {
+        Outcome::Response(v) => v,
+        Outcome::Error {
+            error_type,
+            message,
+        } => panic!(
+            "invocation failed: {error_type}: {message}\nlogs:\n{}",
+            sandbox.lambda.output().join("\n")
+        ),
+    }
+}
+
 /// An EventBridge event about `instance_id`, sent now.
 pub fn event(id: &str, source: &str, detail_type: &str, instance_id: &str, detail: Value) -> Value {
     json!({

@@ -9,26 +9,13 @@ use nth_tests::kube::state::is_terminating;
 use nth_tests::on_both_backends;
 use nth_tests::runtime_api::Outcome;
 use nth_tests::sandbox::{
-    event, sandbox_behaviour, Sandbox, APP_NAMESPACE, CLUSTER, MANAGED_TAG, PDB_NAME,
+    event, response, sandbox_behaviour, Sandbox, APP_NAMESPACE, CLUSTER, MANAGED_TAG, PDB_NAME,
 };
 use serde_json::{json, Value};
 
 const GROUP: &str = "eks-workers-a";
 const HOOK: &str = "node-drain";
 const TOKEN: &str = "0befcbdb-6ecd-498a-9ff7-ae9b54447cd6";
-
-fn response(outcome: Outcome, sandbox: &Sandbox) -> Value {
-    match outcome {
-        Outcome::Response(v) => v,
-        Outcome::Error {
-            error_type,
-            message,
-        } => panic!(
-            "invocation failed: {error_type}: {message}\nlogs:\n{}",
-            sandbox.lambda.output().join("\n")
-        ),
-    }
-}
 
 /// The sandbox, with its world seeded, on `backend`.
 async fn start(backend: Backend, env: &[(&str, &str)]) -> anyhow::Result<Sandbox> {

@@ -9,7 +9,7 @@ use nth_tests::fixtures;
 use nth_tests::moto::Instance;
 use nth_tests::on_both_backends;
 use nth_tests::runtime_api::Outcome;
-use nth_tests::sandbox::{event, sandbox_behaviour, Sandbox, MANAGED_TAG};
+use nth_tests::sandbox::{event, response, sandbox_behaviour, Sandbox, MANAGED_TAG};
 use serde_json::{json, Value};
 
 const GROUP: &str = "eks-workers-b";
@@ -40,19 +40,6 @@ fn lifecycle_event(id: &str, instance_id: &str, launch: bool) -> Value {
             "Origin": "AutoScalingGroup", "Destination": "EC2",
         }),
     )
-}
-
-fn response(outcome: Outcome, sandbox: &Sandbox) -> Value {
-    match outcome {
-        Outcome::Response(v) => v,
-        Outcome::Error {
-            error_type,
-            message,
-        } => panic!(
-            "invocation failed: {error_type}: {message}\nlogs:\n{}",
-            sandbox.lambda.output().join("\n")
-        ),
-    }
 }
 
 /// Another team's instance: tagged for another cluster, without nth's managed tag.
