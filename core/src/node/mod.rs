@@ -280,30 +280,42 @@ impl NodeMarker {
     }
 
     /// Records on the node that this interruption's drain completed; with the out-of-service
-    /// taint configured, it goes on beside the node's other taints (a read, then a write).
+    /// taint configured, it goes on beside the node's other taints in the same write (after
+    /// a read).
     pub async fn record_drained(
         &self,
         node: &str,
         interruption: &Interruption,
     ) -> Result<(), NodeError> {
         // A drain continued across invocations ends here too.
-        let patch = json!({"metadata": {"annotations": {
+        let annotations = json!({
             self.policy.drained_annotation(): interruption.id,
             self.policy.continuing_annotation(): null,
-        }}});
-        self.patch(node, patch).await?;
+        });
         // A rebalance recommendation's instance keeps running: it is not out of service.
-        if self.policy.out_of_service_taint
-            && interruption.kind != InterruptionKind::RebalanceRecommendation
-            && !self.policy.dry_run
-        {
-            let current = self.get(node).await?.ok_or_else(|| NodeError::Gone {
-                node: node.to_owned(),
-            })?;
-            let marks = Marks::new(&self.policy);
-            self.update(current, |n| marks.out_of_service(n)).await?;
+        let out_of_service = self.policy.out_of_service_taint
+            && interruption.kind != InterruptionKind::RebalanceRecommendation;
+        if !out_of_service {
+            // Annotations merge by key: no read needed.
+            let patch = json!({"metadata": {"annotations": annotations}});
+            return self.patch(node, patch).await.map(drop);
         }
-        Ok(())
+        // The taint joins the node's others: read, then one write with the annotations.
+        let current = self.get(node).await?.ok_or_else(|| NodeError::Gone {
+            node: node.to_owned(),
+        })?;
+        let marks = Marks::new(&self.policy);
+        self.update(current, |n| {
+            let mut patch = marks.out_of_service(n).unwrap_or_else(
+                || json!({"metadata": {"resourceVersion": n.metadata.resource_version}}),
+            );
+            for (key, value) in annotations.as_object().into_iter().flatten() {
+                patch["metadata"]["annotations"][key] = value.clone();
+            }
+            Some(patch)
+        })
+        .await
+        .map(drop)
     }
 
     /// Takes back what nth did to a node whose instance stays (a stop that ended, a

@@ -199,12 +199,7 @@ impl Kubelet {
         if !is_terminating(pod) || !self.handled.insert(uid.clone()) {
             return work;
         }
-        let stop_delay = pod
-            .pointer("/metadata/annotations/emulator.nth.dev~1stop-delay-ms")
-            .and_then(Value::as_str)
-            .and_then(|s| s.parse().ok())
-            .map(Duration::from_millis)
-            .unwrap_or(self.behaviour.pod_stop_delay);
+        let stop_delay = self.behaviour.stop_delay(pod);
         let grace = pod["metadata"]["deletionGracePeriodSeconds"]
             .as_u64()
             .unwrap_or(0);

@@ -31,6 +31,18 @@ pub struct Behaviour {
     pub eviction_latency: Duration,
 }
 
+impl Behaviour {
+    /// How long `pod`'s containers take to exit after SIGTERM: its
+    /// `emulator.nth.dev/stop-delay-ms` annotation, else `pod_stop_delay`.
+    pub fn stop_delay(&self, pod: &Value) -> Duration {
+        pod.pointer("/metadata/annotations/emulator.nth.dev~1stop-delay-ms")
+            .and_then(Value::as_str)
+            .and_then(|s| s.parse().ok())
+            .map(Duration::from_millis)
+            .unwrap_or(self.pod_stop_delay)
+    }
+}
+
 impl Default for Behaviour {
     fn default() -> Self {
         Self {
@@ -535,12 +547,7 @@ impl World {
             }
         }
         let rv = self.next_resource_version();
-        let stop_delay = pod
-            .pointer("/metadata/annotations/emulator.nth.dev~1stop-delay-ms")
-            .and_then(Value::as_str)
-            .and_then(|s| s.parse().ok())
-            .map(Duration::from_millis)
-            .unwrap_or(self.behaviour.pod_stop_delay);
+        let stop_delay = self.behaviour.stop_delay(&pod);
         let scaled_grace = Duration::from_secs(u64::try_from(grace).unwrap_or(0))
             .mul_f64(self.behaviour.time_scale);
         let Some(pod) = self.pods.get_mut(key) else {
