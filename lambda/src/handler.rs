@@ -17,6 +17,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use crate::budget::{self, Overrun, WRAP_UP};
 use crate::clusters::{Choice, Cluster, Clusters, LookupError};
 use crate::continuation::{self, Continuation};
 use crate::eventbridge::{self, EventError, Parsed};
@@ -28,10 +29,6 @@ use crate::resolve::{ResolveError, Resolver};
 /// container runtime to kill stragglers and for the kubelet to report them gone before EC2
 /// powers the instance off.
 const POD_STOP_MARGIN: TimeDelta = TimeDelta::seconds(15);
-
-/// Kept free at the end of an invocation to log the report and answer the Runtime API;
-/// a handler killed by its timeout reports nothing.
-const INVOCATION_MARGIN: TimeDelta = TimeDelta::seconds(3);
 
 /// Interruptions of one event handled at once: every one of a Health event's instances gets
 /// going quickly without a thousand-instance event opening a thousand connections.
@@ -151,6 +148,49 @@ struct Run<'a> {
     /// When the drain began, in the first invocation of a continued one.
     drain_started: DateTime<Utc>,
     continuation: Option<&'a Continuation>,
+    /// Webhook notices on their way, awaited before the invocation answers: Lambda freezes
+    /// whatever still runs once it has.
+    notices: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Run<'_> {
+    /// Keeps a notice on its way until the invocation's end.
+    fn keep(&self, notice: Option<tokio::task::JoinHandle<()>>) {
+        if let Some(handle) = notice {
+            self.notices
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(handle);
+        }
+    }
+
+    /// Waits for the notices on their way, until the answer is due; one still unsent then
+    /// is dropped (its receiver is slow or gone; the drain does not wait for it).
+    async fn flush_notices(&self) {
+        let handles = std::mem::take(
+            &mut *self
+                .notices
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        if handles.is_empty() {
+            return;
+        }
+        let aborts: Vec<_> = handles.iter().map(|h| h.abort_handle()).collect();
+        let left = (budget::answer_by(self.invocation.end) - Utc::now())
+            .to_std()
+            .unwrap_or_default();
+        if tokio::time::timeout(left, futures::future::join_all(handles))
+            .await
+            .is_err()
+        {
+            warn!(
+                unsent = aborts.iter().filter(|a| !a.is_finished()).count(),
+                "webhook notices still unsent when the invocation must answer; dropped"
+            );
+            aborts.iter().for_each(tokio::task::AbortHandle::abort);
+        }
+    }
 }
 
 /// Everything an invocation needs, built once per container and reused while warm.
@@ -174,13 +214,6 @@ pub struct Handler {
     pub aws: aws_config::SdkConfig,
     /// How long one node's drain may go on across invocations (MAX_DRAIN_SECONDS).
     pub max_drain: TimeDelta,
-}
-
-/// Waits for a background webhook notice; its own timeouts bound the wait.
-async fn finish_notice(handle: Option<tokio::task::JoinHandle<()>>) {
-    if let Some(handle) = handle {
-        let _sent_or_logged = handle.await;
-    }
 }
 
 /// A step that failed, for the invocation's error and the error metric.
@@ -218,6 +251,12 @@ impl From<NodeError> for StepError {
     }
 }
 
+impl From<Overrun> for StepError {
+    fn from(e: Overrun) -> Self {
+        Self::new("wrap-up", &e)
+    }
+}
+
 impl From<LifecycleError> for StepError {
     fn from(e: LifecycleError) -> Self {
         Self::new("lifecycle", &e)
@@ -239,6 +278,7 @@ impl Handler {
             event,
             drain_started: continuation.as_ref().map_or_else(Utc::now, |c| c.started),
             continuation: continuation.as_ref(),
+            notices: std::sync::Mutex::default(),
         };
         let parsed = match eventbridge::parse(event) {
             Ok(parsed) => parsed,
@@ -319,6 +359,7 @@ impl Handler {
             .buffer_unordered(INTERRUPTIONS_AT_ONCE)
             .collect()
             .await;
+        run.flush_notices().await;
         let mut results = Vec::new();
         let mut failures = Vec::new();
         for result in handled {
@@ -455,10 +496,13 @@ impl Handler {
                       fails and its retry completes it"
                     .to_owned(),
                 Step::Done(_) | Step::DrainFailed { .. } => {
-                    let completion = self
-                        .lifecycle
-                        .complete(&interruption.instance_id, lifecycle, CONTINUE)
-                        .await?;
+                    let completion = budget::within(
+                        "CompleteLifecycleAction",
+                        budget::AWS_CALL,
+                        self.lifecycle
+                            .complete(&interruption.instance_id, lifecycle, CONTINUE),
+                    )
+                    .await??;
                     json!(completion).as_str().unwrap_or_default().to_owned()
                 }
             });
@@ -578,12 +622,10 @@ impl Handler {
             .await?;
         let mut cordon_notice = None;
         if marked == MarkOutcome::Marked {
-            cordon_notice = self.notify(notice(
-                interruption,
-                &cluster.name,
-                &node_name,
-                &action.name(),
-            ));
+            cordon_notice = self.notify(
+                notice(interruption, &cluster.name, &node_name, &action.name()),
+                None,
+            );
             result.cordoned_after_ms =
                 u64::try_from((Utc::now() - interruption.event_time).num_milliseconds()).ok();
             cluster
@@ -592,7 +634,7 @@ impl Handler {
                 .await;
         }
         if !drain {
-            finish_notice(cordon_notice).await;
+            run.keep(cordon_notice);
             return Ok(Prepared::from(Step::Done(
                 match marked {
                     MarkOutcome::Marked => "marked",
@@ -604,12 +646,12 @@ impl Handler {
         }
         if cluster.marker.drained_for(&node, interruption) {
             info!(node = %node_name, "this interruption's drain already completed; not draining again");
-            finish_notice(cordon_notice).await;
+            run.keep(cordon_notice);
             return Ok(Prepared::from(Step::Done("already-drained".into())));
         }
         if run.continuation.is_none() && cluster.marker.continuing_for(&node, interruption) {
             info!(node = %node_name, "this interruption's drain goes on in another invocation; not starting a second");
-            finish_notice(cordon_notice).await;
+            run.keep(cordon_notice);
             return Ok(Prepared::from(Step::Continues(
                 "drain-continuing-elsewhere".into(),
             )));
@@ -669,38 +711,77 @@ impl Handler {
                     started: run.drain_started,
                     round: run.continuation.map_or(1, |c| c.round) + 1,
                 };
-                continuation::invoke(&self.aws, function, &next)
-                    .await
-                    .map_err(|e| StepError::new("drain", &e))?;
-                cluster
-                    .marker
-                    .record_continuing(&node_name, interruption)
-                    .await?;
-                finish_notice(cordon_notice).await;
+                budget::within(
+                    "the Invoke continuing the drain",
+                    budget::AWS_CALL,
+                    continuation::invoke(&self.aws, function, &next),
+                )
+                .await?
+                .map_err(|e| StepError::new("drain", &e))?;
+                budget::within(
+                    "the node's record of the continued drain",
+                    budget::RECORD,
+                    cluster.marker.record_continuing(&node_name, interruption),
+                )
+                .await??;
+                run.keep(cordon_notice);
                 result.drain = Some(report);
                 return Ok(Step::Continues("drain-continues".into()));
             }
         }
-        // Recorded on the node once, when the drain has ended: not for each round of a
-        // drain that goes on.
-        if !self.policy.dry_run {
-            cluster
-                .events
-                .drain_outcome(node, interruption, &report)
-                .await;
+        let outcome = budget::within(
+            "the node's record of the drain's end",
+            budget::RECORD,
+            self.record_drain_end(interruption, cluster, node, run, &report),
+        )
+        .await??;
+        run.keep(self.notify(
+            Notice {
+                outcome: Some(outcome.to_owned()),
+                evicted: Some(report.evicted.len()),
+                left: Some(report.left.len()),
+                ..notice(
+                    interruption,
+                    &cluster.name,
+                    &node_name,
+                    &format!("drain {outcome}"),
+                )
+            },
+            cordon_notice,
+        ));
+        result.drain = Some(report);
+        Ok(Step::Done(outcome.into()))
+    }
+
+    /// Records on the node how its drain ended, once, when it has ended (not for each round
+    /// of a drain that goes on): the Kubernetes Event, and the annotation that a later
+    /// delivery of the event reads. Returns the outcome's name.
+    async fn record_drain_end(
+        &self,
+        interruption: &Interruption,
+        cluster: &Cluster,
+        node: &Node,
+        run: &Run<'_>,
+        report: &DrainReport,
+    ) -> Result<&'static str, StepError> {
+        if self.policy.dry_run {
+            return Ok("dry-run");
         }
-        let outcome = if self.policy.dry_run {
-            "dry-run"
-        } else if report.complete {
+        let node_name = node.metadata.name.as_deref().unwrap_or_default();
+        cluster
+            .events
+            .drain_outcome(node, interruption, report)
+            .await;
+        Ok(if report.complete {
             cluster
                 .marker
-                .record_drained(&node_name, interruption)
+                .record_drained(node_name, interruption)
                 .await?;
             "drained"
         } else {
             if run.continuation.is_some() {
                 // The chain ends here: a later delivery must not take it for a live one.
-                cluster.marker.end_continuing(&node_name).await?;
+                cluster.marker.end_continuing(node_name).await?;
             }
             if interruption.lifecycle.is_some() {
                 warn!(
@@ -709,31 +790,26 @@ impl Handler {
                 );
             }
             "drain-incomplete"
-        };
-        finish_notice(cordon_notice).await;
-        finish_notice(self.notify(Notice {
-            outcome: Some(outcome.to_owned()),
-            evicted: Some(report.evicted.len()),
-            left: Some(report.left.len()),
-            ..notice(
-                interruption,
-                &cluster.name,
-                &node_name,
-                &format!("drain {outcome}"),
-            )
-        }))
-        .await;
-        result.drain = Some(report);
-        Ok(Step::Done(outcome.into()))
+        })
     }
 
     /// Sends a webhook notice in the background, so that a slow receiver never holds up
-    /// the drain; the handle is awaited before the invocation ends (Lambda freezes what is
-    /// still running when it answers).
-    fn notify(&self, notice: Notice) -> Option<tokio::task::JoinHandle<()>> {
+    /// the drain, once the notice `after` is sent: a receiver sees one interruption's
+    /// notices in order. The handle goes to [`Run::keep`].
+    fn notify(
+        &self,
+        notice: Notice,
+        after: Option<tokio::task::JoinHandle<()>>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
         let hook = self.webhook.clone()?;
         Some(tokio::spawn(
-            async move { hook.send(&notice).await }.instrument(tracing::Span::current()),
+            async move {
+                if let Some(previous) = after {
+                    let _sent_or_logged = previous.await;
+                }
+                hook.send(&notice).await;
+            }
+            .instrument(tracing::Span::current()),
         ))
     }
 
@@ -747,7 +823,7 @@ impl Handler {
         invocation_end: DateTime<Utc>,
         result: &mut InterruptionResult,
     ) -> Result<Step, StepError> {
-        let give_up = invocation_end - INVOCATION_MARGIN;
+        let give_up = invocation_end - WRAP_UP;
         let mut polls: u32 = 0;
         loop {
             // A node named otherwise than its PrivateDnsName (hostname-override, Bottlerocket,
@@ -888,7 +964,7 @@ fn drain_window(
     if end.is_none() {
         debug!("no usable end for the drain; pods keep their own grace periods");
     }
-    let invocation_limit = invocation_end - INVOCATION_MARGIN;
+    let invocation_limit = invocation_end - WRAP_UP;
     DrainWindow {
         deadline: DrainDeadline {
             pods_stopped_by: end.map(|end| end - POD_STOP_MARGIN),
@@ -910,7 +986,7 @@ mod tests {
 
         // A Spot instance's two minutes within a short invocation: stop with the invocation.
         let w = drain_window(Some(at(120)), hour, at(60));
-        assert_eq!(w.deadline.give_up_at, at(60) - INVOCATION_MARGIN);
+        assert_eq!(w.deadline.give_up_at, at(60) - WRAP_UP);
         assert_eq!(w.deadline.pods_stopped_by, Some(at(120) - POD_STOP_MARGIN));
         assert!(
             w.may_continue,
@@ -925,7 +1001,7 @@ mod tests {
         // A lifecycle hook has no instance end: the limit stands in for it.
         let w = drain_window(None, hour, at(900));
         assert_eq!(w.deadline.pods_stopped_by, Some(hour - POD_STOP_MARGIN));
-        assert_eq!(w.deadline.give_up_at, at(900) - INVOCATION_MARGIN);
+        assert_eq!(w.deadline.give_up_at, at(900) - WRAP_UP);
         assert!(w.may_continue);
         let w = drain_window(None, at(910), at(900));
         assert!(

@@ -1,6 +1,7 @@
 //! The nth Lambda function: EventBridge events about EC2 instances in, cordoned and drained
 //! EKS nodes out.
 
+pub mod budget;
 pub mod cluster;
 pub mod clusters;
 pub mod config;

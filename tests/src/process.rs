@@ -32,10 +32,19 @@ pub fn workspace_binary(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// A running workspace binary. It can be restarted in place, as Lambda replaces an
+/// execution environment whose invocation timed out; its output is kept across restarts.
 #[derive(Debug)]
 pub struct Process {
-    child: Child,
+    binary: PathBuf,
+    args: Vec<std::ffi::OsString>,
+    env: BTreeMap<String, String>,
+    child: Mutex<Child>,
     lines: Arc<Mutex<Vec<String>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Process {
@@ -47,49 +56,29 @@ impl Process {
         env: &BTreeMap<String, String>,
     ) -> anyhow::Result<Self> {
         let binary = workspace_binary(name)?;
-        let mut child = Command::new(&binary)
-            .args(args)
-            .env_clear()
-            .envs(env)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
+        let args: Vec<_> = args.iter().map(|a| a.to_os_string()).collect();
         let lines = Arc::new(Mutex::new(Vec::new()));
-        for stream in [
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let lines = Arc::clone(&lines);
-            tokio::spawn(async move {
-                let mut reader = BufReader::new(stream).lines();
-                while let Ok(Some(line)) = reader.next_line().await {
-                    lines
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .push(line);
-                }
-            });
-        }
-        Ok(Self { child, lines })
+        let child = start(&binary, &args, env, &lines)?;
+        Ok(Self {
+            binary,
+            args,
+            env: env.clone(),
+            child: Mutex::new(child),
+            lines,
+        })
+    }
+
+    /// Kills the process and starts it again with the same arguments and environment.
+    pub fn restart(&self) -> anyhow::Result<()> {
+        let mut child = lock(&self.child);
+        let _already_gone = child.start_kill();
+        *child = start(&self.binary, &self.args, &self.env, &self.lines)?;
+        Ok(())
     }
 
     /// Every line the process wrote so far.
     pub fn output(&self) -> Vec<String> {
-        self.lines
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        lock(&self.lines).clone()
     }
 
     /// Waits (a little) until a line satisfying `wanted` has been read: the process writes a
@@ -119,14 +108,58 @@ impl Process {
 
     /// The process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.child.id()
+        lock(&self.child).id()
     }
 
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+    pub fn is_running(&self) -> bool {
+        matches!(lock(&self.child).try_wait(), Ok(None))
     }
 
-    pub async fn stop(mut self) {
-        let _already_gone = self.child.kill().await;
+    pub async fn stop(self) {
+        let mut child = self
+            .child
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _already_gone = child.kill().await;
     }
+}
+
+/// Spawns `binary`, its standard output and error read line by line into `lines`.
+fn start(
+    binary: &std::path::Path,
+    args: &[std::ffi::OsString],
+    env: &BTreeMap<String, String>,
+    lines: &Arc<Mutex<Vec<String>>>,
+) -> anyhow::Result<Child> {
+    let mut child = Command::new(binary)
+        .args(args)
+        .env_clear()
+        .envs(env)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    for stream in [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let lines = Arc::clone(lines);
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stream).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                lock(&lines).push(line);
+            }
+        });
+    }
+    Ok(child)
 }

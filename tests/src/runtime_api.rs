@@ -1,6 +1,11 @@
 //! A Lambda Runtime API emulator (the 2018-06-01 interface the Lambda service offers a custom
 //! runtime), to drive the real `nth-lambda` binary as a child process: it long-polls `next`,
 //! and posts a response or an error per invocation.
+//!
+//! It holds the function to Lambda's rules: an invocation not answered by its deadline ends
+//! in `Sandbox.Timedout` and the execution environment is replaced (the process restarted,
+//! whatever it was still doing lost); an asynchronous invocation that fails is delivered
+//! again, twice by default, unless the event has grown older than the maximum event age.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -47,7 +52,53 @@ impl Outcome {
 struct Pending {
     id: String,
     payload: Value,
-    deadline: SystemTime,
+    /// The function timeout: the deadline runs from when the runtime takes the invocation.
+    timeout: Duration,
+    /// Told the deadline when the runtime takes the invocation.
+    taken: oneshot::Sender<SystemTime>,
+}
+
+/// What Lambda records for an invocation its timeout ended.
+pub const TIMED_OUT: &str = "Sandbox.Timedout";
+
+/// How Lambda retries a failed asynchronous invocation (the function's event invoke
+/// config). Lambda waits about a minute, then two, between attempts; the rig keeps the
+/// count and the maximum event age and shortens the waits.
+#[derive(Debug, Clone)]
+pub struct AsyncRetries {
+    /// Lambda's default, and the templates': 2.
+    pub max_retries: usize,
+    /// Before the first retry; doubled before each next one.
+    pub first_delay: Duration,
+    /// Past this age an event is not delivered again (Lambda's default: 6 hours).
+    pub max_event_age: Duration,
+}
+
+impl Default for AsyncRetries {
+    fn default() -> Self {
+        Self {
+            max_retries: 2,
+            first_delay: Duration::from_secs(1),
+            max_event_age: Duration::from_secs(6 * 3600),
+        }
+    }
+}
+
+/// One asynchronous invocation (the Invoke API's `Event` type), as Lambda handled it.
+#[derive(Debug, Clone)]
+pub struct AsyncInvocation {
+    pub payload: Value,
+    /// How each delivery ended, in order.
+    pub attempts: Vec<Outcome>,
+    /// Every delivery it will get has ended.
+    pub finished: bool,
+}
+
+impl AsyncInvocation {
+    /// The last delivery's outcome, once no other delivery will follow.
+    pub fn outcome(&self) -> Option<&Outcome> {
+        self.attempts.last().filter(|_| self.finished)
+    }
 }
 
 #[derive(Default)]
@@ -72,15 +123,26 @@ pub struct RuntimeApi {
 }
 
 /// The invocations waiting for the runtime, as the Lambda service queues them.
-#[derive(Debug)]
 pub struct Queue {
     sender: mpsc::UnboundedSender<Pending>,
     inflight: Arc<Mutex<Inflight>>,
     counter: Mutex<u64>,
     /// The function's configured timeout, for asynchronous invocations.
     timeout: Mutex<Duration>,
+    retries: Mutex<AsyncRetries>,
     /// Asynchronous invocations and how each ended, in the order they were made.
-    async_outcomes: Mutex<Vec<(Value, Option<Outcome>)>>,
+    async_invocations: Mutex<Vec<AsyncInvocation>>,
+    /// Replaces the execution environment after a timeout (restarts the runtime process).
+    on_timeout: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("timeout", &*lock(&self.timeout))
+            .field("async_invocations", &lock(&self.async_invocations).len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for Inflight {
@@ -132,7 +194,9 @@ impl RuntimeApi {
                 inflight,
                 counter: Mutex::new(0),
                 timeout: Mutex::new(Duration::from_secs(300)),
-                async_outcomes: Mutex::default(),
+                retries: Mutex::default(),
+                async_invocations: Mutex::default(),
+                on_timeout: Mutex::default(),
             }),
             server,
         })
@@ -165,33 +229,77 @@ impl Queue {
         *lock(&self.timeout) = timeout;
     }
 
+    /// Sets how failed asynchronous invocations are delivered again.
+    pub fn set_retries(&self, retries: AsyncRetries) {
+        *lock(&self.retries) = retries;
+    }
+
+    /// What replaces the execution environment when an invocation times out.
+    pub fn on_timeout(&self, reset: impl Fn() + Send + Sync + 'static) {
+        *lock(&self.on_timeout) = Some(Arc::new(reset));
+    }
+
     /// Queues `payload` as Lambda queues an asynchronous invocation: the caller does not wait,
-    /// and the outcome is kept for [`Queue::async_outcomes`].
+    /// a failed delivery is retried, and every delivery is kept for
+    /// [`Queue::async_invocations`].
     pub fn invoke_async(self: &Arc<Self>, payload: Value) {
         let index = {
-            let mut outcomes = lock(&self.async_outcomes);
-            outcomes.push((payload.clone(), None));
-            outcomes.len() - 1
+            let mut invocations = lock(&self.async_invocations);
+            invocations.push(AsyncInvocation {
+                payload: payload.clone(),
+                attempts: Vec::new(),
+                finished: false,
+            });
+            invocations.len() - 1
         };
         let queue = Arc::clone(self);
         let timeout = *lock(&self.timeout);
+        let retries = lock(&self.retries).clone();
+        let queued = Instant::now();
         tokio::spawn(async move {
-            let outcome = queue
-                .invoke(payload, timeout)
-                .await
-                .unwrap_or_else(|e| Outcome::Error {
-                    error_type: "Runtime.Unanswered".to_owned(),
-                    message: e.to_string(),
-                });
-            lock(&queue.async_outcomes)[index].1 = Some(outcome);
+            let mut delay = retries.first_delay;
+            for attempt in 0..=retries.max_retries {
+                let outcome = queue
+                    .invoke(payload.clone(), timeout)
+                    .await
+                    .unwrap_or_else(|e| Outcome::Error {
+                        error_type: "Runtime.Unanswered".to_owned(),
+                        message: e.to_string(),
+                    });
+                let failed = matches!(outcome, Outcome::Error { .. });
+                let too_old = queued.elapsed() + delay > retries.max_event_age;
+                let last = !failed || attempt == retries.max_retries || too_old;
+                {
+                    let mut invocations = lock(&queue.async_invocations);
+                    invocations[index].attempts.push(outcome);
+                    invocations[index].finished = last;
+                }
+                if last {
+                    return;
+                }
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
         });
     }
 
-    /// Every asynchronous invocation so far with its outcome (`None` while it runs).
+    /// Every asynchronous invocation so far with its final outcome (`None` while a delivery
+    /// runs or another will follow).
     pub fn async_outcomes(&self) -> Vec<(Value, Option<Outcome>)> {
-        lock(&self.async_outcomes).clone()
+        lock(&self.async_invocations)
+            .iter()
+            .map(|i| (i.payload.clone(), i.outcome().cloned()))
+            .collect()
     }
 
+    /// Every asynchronous invocation so far, with each of its deliveries.
+    pub fn async_invocations(&self) -> Vec<AsyncInvocation> {
+        lock(&self.async_invocations).clone()
+    }
+
+    /// Hands `payload` to the runtime and waits for its answer until the deadline, which
+    /// runs from when the runtime takes it. Past the deadline the invocation ends in
+    /// [`TIMED_OUT`] and the execution environment is replaced, as Lambda does.
     async fn invoke(&self, payload: Value, timeout: Duration) -> anyhow::Result<Outcome> {
         let id = {
             let mut counter = lock(&self.counter);
@@ -199,21 +307,46 @@ impl Queue {
             format!("00000000-0000-4000-a000-{:012}", *counter)
         };
         let (reply, answer) = oneshot::channel();
+        let (taken, deadline) = oneshot::channel();
         lock(&self.inflight).replies.insert(id.clone(), reply);
         self.sender
             .send(Pending {
                 id: id.clone(),
                 payload,
-                deadline: SystemTime::now() + timeout,
+                timeout,
+                taken,
             })
             .context("runtime API emulator stopped")?;
-        // A little past the function's timeout: the runtime may still report a late result.
-        tokio::time::timeout(timeout + Duration::from_secs(5), answer)
+        let deadline = tokio::time::timeout(QUEUE_PATIENCE, deadline)
             .await
-            .with_context(|| format!("invocation {id} got no answer within the function timeout"))?
-            .context("runtime API emulator dropped the invocation")
+            .with_context(|| format!("invocation {id}: the runtime never asked for it"))?
+            .context("runtime API emulator dropped the invocation")?;
+        let left = deadline
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        match tokio::time::timeout(left, answer).await {
+            Ok(outcome) => outcome.context("runtime API emulator dropped the invocation"),
+            Err(_) => {
+                lock(&self.inflight).replies.remove(&id);
+                let reset = lock(&self.on_timeout).clone();
+                if let Some(reset) = reset {
+                    reset();
+                }
+                Ok(Outcome::Error {
+                    error_type: TIMED_OUT.to_owned(),
+                    message: format!(
+                        "RequestId: {id} Error: Task timed out after {:.2} seconds",
+                        timeout.as_secs_f64()
+                    ),
+                })
+            }
+        }
     }
 }
+
+/// How long an invocation may wait for the runtime to take it: far longer than any test,
+/// so that a runtime that died fails the test instead of hanging it.
+const QUEUE_PATIENCE: Duration = Duration::from_secs(600);
 
 async fn next(State(state): State<AppState>) -> Response {
     lock(&state.inflight)
@@ -222,8 +355,9 @@ async fn next(State(state): State<AppState>) -> Response {
     let Some(pending) = state.queue.lock().await.recv().await else {
         return StatusCode::GONE.into_response();
     };
-    let deadline_ms = pending
-        .deadline
+    let deadline = SystemTime::now() + pending.timeout;
+    let _invoker_gone = pending.taken.send(deadline);
+    let deadline_ms = deadline
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis())
         .unwrap_or_default();

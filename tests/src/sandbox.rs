@@ -3,6 +3,7 @@
 //! README's sandbox command both start it.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -45,7 +46,8 @@ pub struct Sandbox {
     pub aws: AwsFront,
     pub kube: Cluster,
     pub runtime: RuntimeApi,
-    pub lambda: Process,
+    /// The function's execution environment; replaced when an invocation times out.
+    pub lambda: Arc<Process>,
     pub instance: Instance,
 }
 
@@ -145,7 +147,13 @@ impl Sandbox {
         for (k, v) in env {
             vars.insert((*k).to_owned(), (*v).to_owned());
         }
-        let lambda = Process::spawn("nth-lambda", &[], &vars)?;
+        let lambda = Arc::new(Process::spawn("nth-lambda", &[], &vars)?);
+        let environment = Arc::clone(&lambda);
+        runtime.queue().on_timeout(move || {
+            if let Err(error) = environment.restart() {
+                tracing::error!(%error, "replacing the timed-out function");
+            }
+        });
         Ok(Self {
             moto,
             aws,

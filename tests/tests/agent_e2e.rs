@@ -574,7 +574,7 @@ on_both_backends! {
     async fn imds_errors_and_hangs_do_not_stop_the_agent(backend: Backend) -> anyhow::Result<()> {
         let world = World::start(backend).await?;
         world.imds.set_fault(Fault::ServerError);
-        let mut agent = world.agent(&[])?;
+        let agent = world.agent(&[])?;
         let end = Utc::now() + TimeDelta::seconds(90);
         world.imds.set_spot(Some(json!({
             "action": "terminate",
@@ -682,7 +682,7 @@ on_both_backends! {
             .imds
             .set_rebalance(Some(json!({"noticeTime": "2026-11-02T13:58:40Z"})));
 
-        let mut strict = world.agent(&[])?;
+        let strict = world.agent(&[])?;
         tokio::time::sleep(Duration::from_secs(4)).await;
         assert!(strict.is_running(), "{}", strict.output_text());
         assert!(!cordoned(&world.node().await?), "no IMDSv1 unless allowed");
@@ -745,7 +745,7 @@ on_both_backends! {
     async fn a_node_of_another_instance_is_refused(backend: Backend) -> anyhow::Result<()> {
         let world = World::start(backend).await?;
         let spare_before = world.kube.node(SPARE).await?;
-        let mut agent = world.agent(&[("NODE_NAME", SPARE)])?;
+        let agent = world.agent(&[("NODE_NAME", SPARE)])?;
         let start = Instant::now();
         while agent.is_running() && start.elapsed() < PATIENCE {
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -244,9 +244,9 @@ on_both_backends! {
     }
 }
 
-/// The function timeout of the long-drain tests: each invocation drains for 5 s (3 s are kept
-/// to answer), so a drain held up for longer needs several.
-const SHORT_TIMEOUT: Duration = Duration::from_secs(8);
+/// The function timeout of the long-drain tests: each invocation drains for 5 s (6 s are kept
+/// for what follows the drain), so a drain held up for longer needs several.
+const SHORT_TIMEOUT: Duration = Duration::from_secs(11);
 
 /// The budget that holds every `web` pod on its node until released.
 const FROZEN: &str = "web-frozen";

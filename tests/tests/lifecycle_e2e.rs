@@ -8,8 +8,9 @@ use std::time::Duration;
 use nth_tests::fixtures;
 use nth_tests::moto::Instance;
 use nth_tests::on_both_backends;
-use nth_tests::runtime_api::Outcome;
-use nth_tests::sandbox::{event, response, sandbox_behaviour, Sandbox, MANAGED_TAG};
+use nth_tests::runtime_api::{AsyncRetries, Outcome};
+use nth_tests::sandbox::{event, response, sandbox_behaviour, Sandbox, APP_NAMESPACE, MANAGED_TAG};
+use nth_tests::webhook::{Mode, Receiver};
 use serde_json::{json, Value};
 
 const GROUP: &str = "eks-workers-b";
@@ -247,5 +248,88 @@ async fn a_continued_round_sends_its_first_heartbeat_at_once() -> anyhow::Result
         "the round began with a heartbeat: {:?}",
         sandbox.aws.actions()
     );
+    Ok(())
+}
+
+on_both_backends! {
+    async fn the_hook_is_completed_before_lambdas_deadline_with_a_hanging_webhook(backend: Backend) -> anyhow::Result<()> {
+        // The function's timeout; past it the rig, as Lambda, kills the run.
+        const TIMEOUT: Duration = Duration::from_secs(12);
+        let receiver = Receiver::start(Mode::Hang).await?;
+        // A drain limit too near for another round: this invocation must answer the hook.
+        let sandbox = Sandbox::start_on(
+            backend,
+            &[("WEBHOOK_URL", receiver.url.as_str()), ("MAX_DRAIN_SECONDS", "20")],
+            sandbox_behaviour(),
+        )
+        .await?;
+        let instance = sandbox.instance.id.clone();
+        sandbox.aws.add_pending(GROUP, "node-drain", &instance, TOKEN);
+        // Every workload pod is held by its budget, so the drain runs until it must stop.
+        sandbox
+            .kube
+            .add_pdb(fixtures::pdb_max_unavailable(APP_NAMESPACE, "web-frozen", "web", 0))
+            .await?;
+        // Auto Scaling answers slowly, within the SDK's attempt timeout.
+        sandbox
+            .aws
+            .delay("CompleteLifecycleAction", Duration::from_millis(2500), 1);
+
+        let invoked = std::time::Instant::now();
+        let outcome = sandbox
+            .runtime
+            .invoke(lifecycle_event("hang-1", &instance, false), TIMEOUT)
+            .await?;
+
+        let r = response(outcome, &sandbox);
+        assert_eq!(r["results"][0]["outcome"], "drain-incomplete", "{r:#}");
+        assert_eq!(r["results"][0]["lifecycle"], "completed", "{r:#}");
+        let (result, completed_at) = sandbox.aws.pending()[0]
+            .completed
+            .clone()
+            .expect("the hook was completed");
+        assert_eq!(result, "CONTINUE");
+        assert!(
+            completed_at.duration_since(invoked) < TIMEOUT,
+            "completed {:?} into a {TIMEOUT:?} invocation",
+            completed_at.duration_since(invoked)
+        );
+        Ok(())
+    }
+}
+
+// Emulator only: what is under test is how Lambda delivers asynchronous invocations again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_asynchronous_invocation_is_delivered_twice_more_within_its_maximum_age(
+) -> anyhow::Result<()> {
+    let sandbox = Sandbox::start(&[]).await?;
+    let queue = sandbox.runtime.queue();
+    let retries = AsyncRetries {
+        first_delay: Duration::from_millis(200),
+        ..AsyncRetries::default()
+    };
+    queue.set_retries(retries.clone());
+    // A payload nth refuses: the invocation fails, and Lambda tries it again.
+    queue.invoke_async(json!({"detail-type": "EC2 Spot Instance Interruption Warning"}));
+    queue.set_retries(AsyncRetries {
+        max_event_age: Duration::from_millis(100),
+        ..retries
+    });
+    queue.invoke_async(json!({"detail-type": "EC2 Spot Instance Interruption Warning"}));
+
+    let finished = async {
+        while !queue.async_invocations().iter().all(|i| i.finished) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), finished).await?;
+
+    let invocations = queue.async_invocations();
+    let attempts: Vec<usize> = invocations.iter().map(|i| i.attempts.len()).collect();
+    assert_eq!(attempts, [3, 1], "{invocations:#?}");
+    assert!(invocations.iter().all(|i| matches!(
+        i.outcome(),
+        Some(Outcome::Error { error_type, .. }) if error_type == "MalformedEvent"
+    )));
     Ok(())
 }
