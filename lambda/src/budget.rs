@@ -60,7 +60,7 @@ mod tests {
     #[test]
     fn the_wrap_up_holds_every_step_one_after_the_other() {
         assert_eq!(
-            WRAP_UP.to_std().unwrap(),
+            WRAP_UP.to_std().expect("positive"),
             RECORD + AWS_CALL + ANSWER,
             "a step was added or grown without the drain leaving room for it"
         );
@@ -72,11 +72,11 @@ mod tests {
         let share = Duration::from_millis(20);
         let error = within("CompleteLifecycleAction", share, hanging)
             .await
-            .unwrap_err();
+            .expect_err("a hanging step is cut");
         assert_eq!(
             error.to_string(),
             "CompleteLifecycleAction did not finish within its 20ms share of the invocation's end"
         );
-        assert_eq!(within("x", RECORD, async { 7 }).await.unwrap(), 7);
+        assert_eq!(within("x", RECORD, async { 7 }).await.expect("in time"), 7);
     }
 }
