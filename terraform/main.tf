@@ -109,10 +109,11 @@ resource "aws_iam_role_policy_attachment" "vpc" {
 }
 
 data "aws_iam_policy_document" "function" {
-  # Neither action supports resource-level permissions.
+  # None of these actions supports resource-level permissions. DescribeLifecycleHooks
+  # reads the hook's timeouts, which cap a drain.
   statement {
     sid       = "Describe"
-    actions   = ["ec2:DescribeInstances", "autoscaling:DescribeTags"]
+    actions   = ["ec2:DescribeInstances", "autoscaling:DescribeTags", "autoscaling:DescribeLifecycleHooks"]
     resources = ["*"]
   }
 

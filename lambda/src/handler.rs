@@ -219,7 +219,7 @@ pub struct Handler {
 /// A step that failed, for the invocation's error and the error metric.
 #[derive(Debug)]
 pub struct StepError {
-    /// `resolve`, `node`, `drain` or `lifecycle`.
+    /// `resolve`, `node`, `drain`, `lifecycle` or `wrap-up` (a step after the drain overran).
     pub stage: &'static str,
     pub message: String,
 }
@@ -674,18 +674,36 @@ impl Handler {
         result: &mut InterruptionResult,
     ) -> Result<Step, StepError> {
         let node_name = node.metadata.name.clone().unwrap_or_default();
-        let window = drain_window(
-            interruption.deadline,
-            continuation::drain_limit(run.drain_started, self.max_drain),
-            run.invocation.end,
-        );
+        let mut drain_limit = continuation::drain_limit(run.drain_started, self.max_drain);
+        let hook = match &interruption.lifecycle {
+            Some(lifecycle) => {
+                self.lifecycle
+                    .limits(&interruption.instance_id, lifecycle)
+                    .await
+            }
+            None => None,
+        };
+        if let Some(hook) = hook {
+            // Auto Scaling lets the instance go at the hook's global timeout, counted from the
+            // action's start, heartbeats or not, with the hook's default result: the drain
+            // ends early enough for its completion to reach Auto Scaling first.
+            let hook_end = TimeDelta::from_std(hook.global_timeout)
+                .ok()
+                .and_then(|t| interruption.event_time.checked_add_signed(t - WRAP_UP));
+            if let Some(hook_end) = hook_end {
+                drain_limit = drain_limit.min(hook_end);
+            }
+        }
+        let window = drain_window(interruption.deadline, drain_limit, run.invocation.end);
         let deadline = window.deadline;
         let drained = match &interruption.lifecycle {
             Some(lifecycle) => {
+                let configured = self.lifecycle.heartbeat_interval;
                 self.lifecycle
                     .with_heartbeats(
                         &interruption.instance_id,
                         lifecycle,
+                        hook.map_or(configured, |h| h.heartbeat_interval(configured)),
                         run.continuation.is_some(),
                         cluster.drainer.drain(&node_name, deadline),
                     )
@@ -939,8 +957,8 @@ struct DrainWindow {
 /// instance goes, so pods are made to stop before it. An instance end already in the past
 /// (an old event retried from the dead-letter queue, a skewed clock) says nothing reliable
 /// about the instance and is ignored, instead of killing every pod with no grace. A drain
-/// limit already past is not: it is nth's own (a continuation that arrived late), so the
-/// drain gives up at once and the lifecycle action is completed.
+/// limit already past is not: it is nth's own or the hook's (a continuation that arrived
+/// late), so the drain gives up at once and the lifecycle action is completed.
 fn drain_window(
     instance_end: Option<DateTime<Utc>>,
     drain_limit: DateTime<Utc>,

@@ -14,6 +14,26 @@ const NO_ACTIVE_ACTION: &str = "No active Lifecycle Action found";
 /// The lifecycle result that lets the instance go on (terminate, or enter service).
 pub const CONTINUE: &str = "CONTINUE";
 
+/// Heartbeats sent within one heartbeat timeout of the hook, at the least: one lost to a
+/// blip still leaves others before Auto Scaling gives up on the action.
+const HEARTBEATS_PER_TIMEOUT: u32 = 3;
+
+/// How long Auto Scaling waits on an action of the hook: `heartbeat_timeout` after the last
+/// heartbeat, and never beyond `global_timeout` after the action began, heartbeats or not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HookLimits {
+    pub heartbeat_timeout: Duration,
+    pub global_timeout: Duration,
+}
+
+impl HookLimits {
+    /// The interval between heartbeats: `configured`, or shorter when the hook's heartbeat
+    /// timeout would otherwise run out between two.
+    pub fn heartbeat_interval(&self, configured: Duration) -> Duration {
+        configured.min(self.heartbeat_timeout / HEARTBEATS_PER_TIMEOUT)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LifecycleError {
     #[error("{call} for instance {instance_id} (group {group}, hook {hook}) failed: {message}")]
@@ -94,6 +114,53 @@ impl Lifecycle {
         }
     }
 
+    /// Reads the hook's limits with DescribeLifecycleHooks. `None` when they cannot be read
+    /// (the role may not describe hooks, the hook is gone): the drain then keeps to
+    /// MAX_DRAIN_SECONDS and the configured heartbeat interval, which the documentation asks
+    /// to keep within the hook's.
+    pub async fn limits(&self, instance_id: &str, action: &LifecycleAction) -> Option<HookLimits> {
+        let described = self
+            .asg
+            .describe_lifecycle_hooks()
+            .auto_scaling_group_name(&action.group)
+            .lifecycle_hook_names(&action.hook)
+            .send()
+            .await;
+        let hooks = match described {
+            Ok(output) => output,
+            Err(error) => {
+                let error = self.error("DescribeLifecycleHooks", instance_id, action, &error);
+                warn!(%error, "the hook's timeouts are unknown; MAX_DRAIN_SECONDS alone limits the drain");
+                return None;
+            }
+        };
+        let hook = hooks
+            .lifecycle_hooks()
+            .iter()
+            .find(|h| h.lifecycle_hook_name() == Some(action.hook.as_str()));
+        let seconds = |value: Option<i32>| {
+            value
+                .and_then(|v| u64::try_from(v).ok())
+                .filter(|v| *v > 0)
+                .map(Duration::from_secs)
+        };
+        let limits = hook.and_then(|h| {
+            Some(HookLimits {
+                heartbeat_timeout: seconds(h.heartbeat_timeout())?,
+                global_timeout: seconds(h.global_timeout())?,
+            })
+        });
+        match limits {
+            Some(limits) => {
+                info!(group = %action.group, hook = %action.hook, heartbeat_timeout_s = limits.heartbeat_timeout.as_secs(), global_timeout_s = limits.global_timeout.as_secs(), "lifecycle hook limits read")
+            }
+            None => {
+                warn!(group = %action.group, hook = %action.hook, "lifecycle hook not found; MAX_DRAIN_SECONDS alone limits the drain")
+            }
+        }
+        limits
+    }
+
     pub async fn heartbeat(
         &self,
         instance_id: &str,
@@ -123,14 +190,15 @@ impl Lifecycle {
         Ok(())
     }
 
-    /// Runs `work` while recording heartbeats every interval, so the hook does not time out
-    /// during a long drain. A failed heartbeat is logged; the work goes on. `beat_first`
+    /// Runs `work` while recording heartbeats every `interval`, so the hook does not time
+    /// out during a long drain. A failed heartbeat is logged; the work goes on. `beat_first`
     /// sends one at once: a continued round follows an invocation's end and Lambda's
     /// queueing, a gap the previous round's last heartbeat does not cover.
     pub async fn with_heartbeats<F: std::future::Future>(
         &self,
         instance_id: &str,
         action: &LifecycleAction,
+        interval: Duration,
         beat_first: bool,
         work: F,
     ) -> F::Output {
@@ -141,7 +209,7 @@ impl Lifecycle {
             let span = tracing::Span::current();
             tokio::spawn(tracing::Instrument::instrument(
                 async move {
-                    let mut ticker = tokio::time::interval(this.heartbeat_interval);
+                    let mut ticker = tokio::time::interval(interval);
                     if !beat_first {
                         // The interval's first tick is immediate.
                         ticker.tick().await;
@@ -178,5 +246,26 @@ impl Lifecycle {
                 _ => aws_sdk_autoscaling::error::DisplayErrorContext(error).to_string(),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeats_come_often_enough_for_the_hooks_own_timeout() {
+        let limits = HookLimits {
+            heartbeat_timeout: Duration::from_secs(30),
+            global_timeout: Duration::from_secs(3000),
+        };
+        assert_eq!(
+            limits.heartbeat_interval(Duration::from_secs(60)),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            limits.heartbeat_interval(Duration::from_secs(5)),
+            Duration::from_secs(5)
+        );
     }
 }

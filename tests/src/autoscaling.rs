@@ -2,7 +2,9 @@
 //! lifecycle calls moto does not implement (it answers them with HTTP 500), which are served
 //! here with Auto Scaling's semantics: a call must name a pending action of that group, hook
 //! and instance (and its token, when given); a completed action is gone; heartbeats extend
-//! it. eks:DescribeCluster is served here too, because moto's clusters have endpoints of its
+//! it; an action not heartbeat within its hook's heartbeat timeout, or older than the hook's
+//! global timeout, ends with the hook's default result. DescribeLifecycleHooks answers for
+//! the hooks of those actions. eks:DescribeCluster is served here too, because moto's clusters have endpoints of its
 //! own making, and the rig's clusters are Kubernetes API emulators. Every call is recorded.
 
 use std::collections::HashMap;
@@ -31,9 +33,59 @@ pub struct PendingAction {
     pub hook: String,
     pub instance_id: String,
     pub token: String,
+    pub hook_settings: HookSettings,
+    pub started: Instant,
     pub heartbeats: Vec<Instant>,
     /// The result and when it came.
     pub completed: Option<(String, Instant)>,
+    /// The action ran out of time and took the hook's default result.
+    pub timed_out: bool,
+}
+
+/// The lifecycle hook's settings that decide when Auto Scaling stops waiting.
+#[derive(Debug, Clone)]
+pub struct HookSettings {
+    pub heartbeat_timeout: Duration,
+    /// `CONTINUE` or `ABANDON` (Auto Scaling's default).
+    pub default_result: String,
+}
+
+impl Default for HookSettings {
+    /// Auto Scaling's defaults: an hour, then ABANDON.
+    fn default() -> Self {
+        Self {
+            heartbeat_timeout: Duration::from_secs(3600),
+            default_result: "ABANDON".to_owned(),
+        }
+    }
+}
+
+/// Auto Scaling's longest wait on one action, whatever the heartbeats.
+const MAX_GLOBAL_TIMEOUT: Duration = Duration::from_secs(48 * 3600);
+
+impl HookSettings {
+    /// 100 heartbeat timeouts or 48 hours, whichever is smaller.
+    pub fn global_timeout(&self) -> Duration {
+        (self.heartbeat_timeout * 100).min(MAX_GLOBAL_TIMEOUT)
+    }
+}
+
+impl PendingAction {
+    /// When Auto Scaling stops waiting, as things stand.
+    fn expires_at(&self) -> Instant {
+        let last = self.heartbeats.last().copied().unwrap_or(self.started);
+        (last + self.hook_settings.heartbeat_timeout)
+            .min(self.started + self.hook_settings.global_timeout())
+    }
+
+    /// Ends the action with the hook's default result once its time is up.
+    fn expire(&mut self, now: Instant) {
+        let expires = self.expires_at();
+        if self.completed.is_none() && now >= expires {
+            self.completed = Some((self.hook_settings.default_result.clone(), expires));
+            self.timed_out = true;
+        }
+    }
 }
 
 /// One lifecycle call received, answered or not.
@@ -57,6 +109,9 @@ struct Inner {
     calls: Vec<LifecycleCall>,
     /// Every AWS API action seen, in order, with its arrival (for round-trip counting).
     actions: Vec<(Instant, String)>,
+    /// The X-Amzn-Trace-Id header of each Invoke, in order: Lambda's recursive loop
+    /// detection follows the lineage it carries from one invocation to the next.
+    invoke_traces: Vec<Option<String>>,
     /// EKS clusters by name: (endpoint, base64 CA bundle).
     clusters: HashMap<String, (String, String)>,
     /// Where Lambda asynchronous invocations go.
@@ -119,20 +174,55 @@ impl AwsFront {
         })
     }
 
-    /// Makes Auto Scaling wait on a lifecycle action, as a hook does when it fires.
+    /// Makes Auto Scaling wait on a lifecycle action, as a hook with the default settings
+    /// does when it fires.
     pub fn add_pending(&self, group: &str, hook: &str, instance_id: &str, token: &str) {
+        self.add_pending_with(group, hook, instance_id, token, HookSettings::default());
+    }
+
+    /// As [`AwsFront::add_pending`], for a hook with `settings`.
+    pub fn add_pending_with(
+        &self,
+        group: &str,
+        hook: &str,
+        instance_id: &str,
+        token: &str,
+        settings: HookSettings,
+    ) {
         lock(&self.inner).pending.push(PendingAction {
             group: group.to_owned(),
             hook: hook.to_owned(),
             instance_id: instance_id.to_owned(),
             token: token.to_owned(),
+            hook_settings: settings,
+            started: Instant::now(),
             heartbeats: Vec::new(),
             completed: None,
+            timed_out: false,
         });
     }
 
+    /// Makes the action of `instance_id` one that began `ago`, heartbeat just now (by an
+    /// earlier invocation): what a long drain's late round finds.
+    pub fn backdate(&self, instance_id: &str, ago: Duration) {
+        let now = Instant::now();
+        let mut inner = lock(&self.inner);
+        for p in inner
+            .pending
+            .iter_mut()
+            .filter(|p| p.instance_id == instance_id)
+        {
+            p.started = now.checked_sub(ago).unwrap_or(p.started);
+            p.heartbeats.push(now);
+        }
+    }
+
+    /// The lifecycle actions, each as Auto Scaling sees it now (timed out, if its time is up).
     pub fn pending(&self) -> Vec<PendingAction> {
-        lock(&self.inner).pending.clone()
+        let mut inner = lock(&self.inner);
+        let now = Instant::now();
+        inner.pending.iter_mut().for_each(|p| p.expire(now));
+        inner.pending.clone()
     }
 
     pub fn calls(&self) -> Vec<LifecycleCall> {
@@ -151,6 +241,11 @@ impl AwsFront {
     /// `invoke`, as Lambda queues an asynchronous invocation of the function.
     pub fn on_invoke(&self, invoke: impl Fn(serde_json::Value) + Send + Sync + 'static) {
         lock(&self.inner).invoke = Some(Arc::new(invoke));
+    }
+
+    /// The X-Amzn-Trace-Id header each Invoke carried (`None`: none), in order.
+    pub fn invoke_traces(&self) -> Vec<Option<String>> {
+        lock(&self.inner).invoke_traces.clone()
     }
 
     /// Fails the next `times` calls of `action` with the EC2 error `code` (e.g.
@@ -207,6 +302,34 @@ fn take<T: Clone>(faults: &mut [(String, T, usize)], action: &str) -> Option<T> 
             *times -= 1;
             fault.clone()
         })
+}
+
+/// The hooks of the group's lifecycle actions, filtered by `LifecycleHookNames.member.N`.
+fn describe_hooks(state: &AppState, field: &impl Fn(&str) -> Option<String>) -> Response {
+    let group = field("AutoScalingGroupName").unwrap_or_default();
+    let wanted: Vec<String> = (1..)
+        .map_while(|i| field(&format!("LifecycleHookNames.member.{i}")))
+        .collect();
+    let inner = lock(&state.inner);
+    let mut seen = Vec::new();
+    let mut members = String::new();
+    for p in inner.pending.iter().filter(|p| p.group == group) {
+        if seen.contains(&p.hook) || !(wanted.is_empty() || wanted.contains(&p.hook)) {
+            continue;
+        }
+        seen.push(p.hook.clone());
+        members.push_str(&format!(
+            "<member><LifecycleHookName>{}</LifecycleHookName><AutoScalingGroupName>{group}</AutoScalingGroupName><HeartbeatTimeout>{}</HeartbeatTimeout><GlobalTimeout>{}</GlobalTimeout><DefaultResult>{}</DefaultResult></member>",
+            p.hook,
+            p.hook_settings.heartbeat_timeout.as_secs(),
+            p.hook_settings.global_timeout().as_secs(),
+            p.hook_settings.default_result,
+        ));
+    }
+    let body = format!(
+        "<DescribeLifecycleHooksResponse xmlns=\"{XMLNS}\"><DescribeLifecycleHooksResult><LifecycleHooks>{members}</LifecycleHooks></DescribeLifecycleHooksResult><ResponseMetadata><RequestId>00000000-0000-4000-8000-000000000002</RequestId></ResponseMetadata></DescribeLifecycleHooksResponse>"
+    );
+    (StatusCode::OK, [("content-type", "text/xml")], body).into_response()
 }
 
 fn xml_error(code: &str, message: &str) -> Response {
@@ -285,6 +408,9 @@ async fn handle(
     if action == "CompleteLifecycleAction" || action == "RecordLifecycleActionHeartbeat" {
         return lifecycle(&state, &action, &field);
     }
+    if action == "DescribeLifecycleHooks" {
+        return describe_hooks(&state, &field);
+    }
     proxy(&state, method, uri, headers, body).await
 }
 
@@ -318,6 +444,10 @@ fn invoke(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Response {
             "Could not parse request body into json",
         );
     };
+    let trace = headers
+        .get("x-amzn-trace-id")
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    lock(&state.inner).invoke_traces.push(trace);
     let Some(queue) = lock(&state.inner).invoke.clone() else {
         return json_error(
             StatusCode::NOT_FOUND,
@@ -366,6 +496,7 @@ fn lifecycle(state: &AppState, action: &str, field: &impl Fn(&str) -> Option<Str
     let result = field("LifecycleActionResult");
     let mut inner = lock(&state.inner);
     let now = Instant::now();
+    inner.pending.iter_mut().for_each(|p| p.expire(now));
     let response = if instance_id.is_empty() && token.is_empty() {
         xml_error(
             "ValidationError",

@@ -375,7 +375,9 @@ async fn next(State(state): State<AppState>) -> Response {
     );
     set(
         "lambda-runtime-trace-id",
-        "Root=1-00000000-000000000000000000000000;Sampled=0".to_owned(),
+        // With the lineage Lambda adds for its recursive loop detection: a call that passes
+        // this header on ties the next invocation to this one.
+        "Root=1-00000000-000000000000000000000000;Sampled=0;Lineage=a87bd80c:1".to_owned(),
     );
     set("content-type", "application/json".to_owned());
     (StatusCode::OK, headers, pending.payload.to_string()).into_response()

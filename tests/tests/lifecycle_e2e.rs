@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use nth_tests::autoscaling::HookSettings;
 use nth_tests::fixtures;
 use nth_tests::moto::Instance;
 use nth_tests::on_both_backends;
@@ -266,10 +267,7 @@ on_both_backends! {
         let instance = sandbox.instance.id.clone();
         sandbox.aws.add_pending(GROUP, "node-drain", &instance, TOKEN);
         // Every workload pod is held by its budget, so the drain runs until it must stop.
-        sandbox
-            .kube
-            .add_pdb(fixtures::pdb_max_unavailable(APP_NAMESPACE, "web-frozen", "web", 0))
-            .await?;
+        freeze_web(&sandbox).await?;
         // Auto Scaling answers slowly, within the SDK's attempt timeout.
         sandbox
             .aws
@@ -332,4 +330,107 @@ async fn a_failed_asynchronous_invocation_is_delivered_twice_more_within_its_max
         Some(Outcome::Error { error_type, .. }) if error_type == "MalformedEvent"
     )));
     Ok(())
+}
+
+/// Holds every `web` pod of the sandbox on its node.
+async fn freeze_web(sandbox: &Sandbox) -> anyhow::Result<()> {
+    sandbox
+        .kube
+        .add_pdb(fixtures::pdb_max_unavailable(
+            APP_NAMESPACE,
+            "web-frozen",
+            "web",
+            0,
+        ))
+        .await
+}
+
+on_both_backends! {
+    async fn a_hook_is_kept_alive_through_a_drain_several_invocations_long(backend: Backend) -> anyhow::Result<()> {
+        // Each invocation drains for 5 s; the hook gives up 3 s after the last heartbeat,
+        // far sooner than the configured heartbeat interval.
+        const TIMEOUT: Duration = Duration::from_secs(11);
+        let sandbox = Sandbox::start_on(
+            backend,
+            &[("LIFECYCLE_HEARTBEAT_SECONDS", "60")],
+            sandbox_behaviour(),
+        )
+        .await?;
+        sandbox.runtime.queue().set_timeout(TIMEOUT);
+        let instance = sandbox.instance.id.clone();
+        let hook = HookSettings {
+            heartbeat_timeout: Duration::from_secs(3),
+            ..HookSettings::default()
+        };
+        sandbox
+            .aws
+            .add_pending_with(GROUP, "node-drain", &instance, TOKEN, hook);
+        freeze_web(&sandbox).await?;
+
+        let first = response(
+            sandbox
+                .runtime
+                .invoke(lifecycle_event("alive-1", &instance, false), TIMEOUT)
+                .await?,
+            &sandbox,
+        );
+        // Into the second round, then the pods may go.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        sandbox
+            .kube
+            .patch_pdb(APP_NAMESPACE, "web-frozen", json!({"spec": {"maxUnavailable": 1}}))
+            .await?;
+        let began = std::time::Instant::now();
+        while sandbox.aws.pending()[0].completed.is_none() && began.elapsed() < Duration::from_secs(60) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+
+        assert_eq!(first["results"][0]["outcome"], "drain-continues", "{first:#}");
+        let action = sandbox.aws.pending().remove(0);
+        assert!(!action.timed_out, "the hook gave up: {:?}", action.heartbeats);
+        assert_eq!(action.completed.map(|(r, _)| r).as_deref(), Some("CONTINUE"));
+        assert!(sandbox.runtime.queue().async_outcomes().len() >= 2, "several rounds");
+        Ok(())
+    }
+}
+
+on_both_backends! {
+    async fn a_drain_ends_before_the_hooks_global_timeout(backend: Backend) -> anyhow::Result<()> {
+        let sandbox = Sandbox::start_on(backend, &[], sandbox_behaviour()).await?;
+        let instance = sandbox.instance.id.clone();
+        // Heartbeats keep the action alive, but Auto Scaling waits 100 heartbeat timeouts at
+        // most: 200 s, of which 190 have passed when this round begins.
+        let hook = HookSettings {
+            heartbeat_timeout: Duration::from_secs(2),
+            ..HookSettings::default()
+        };
+        sandbox
+            .aws
+            .add_pending_with(GROUP, "node-drain", &instance, TOKEN, hook);
+        let age = Duration::from_secs(190);
+        sandbox.aws.backdate(&instance, age);
+        let mut event = lifecycle_event("global-1", &instance, false);
+        event["time"] = json!((chrono::Utc::now() - chrono::Duration::from_std(age)?)
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+        freeze_web(&sandbox).await?;
+
+        let r = response(
+            sandbox
+                .runtime
+                .invoke(event, Duration::from_secs(30))
+                .await?,
+            &sandbox,
+        );
+
+        assert_eq!(r["results"][0]["outcome"], "drain-incomplete", "{r:#}");
+        assert_eq!(r["results"][0]["lifecycle"], "completed", "{r:#}");
+        let action = sandbox.aws.pending().remove(0);
+        assert!(!action.timed_out, "completed before Auto Scaling gave up");
+        assert_eq!(action.completed.map(|(r, _)| r).as_deref(), Some("CONTINUE"));
+        assert!(
+            sandbox.runtime.queue().async_outcomes().is_empty(),
+            "no round beyond the hook's end"
+        );
+        Ok(())
+    }
 }
