@@ -149,6 +149,9 @@ on_both_backends! {
         assert_eq!(report.left.len(), 3);
         for left in &report.left {
             assert!(left.reason.contains("ledger-frozen"), "{left:?}");
+            assert_eq!(left.budget.as_deref(), Some("apps/ledger-frozen"), "{left:?}");
+            assert!(left.refusals.is_some_and(|n| n >= 1), "{left:?}");
+            assert_eq!(left.budget_last_allowed, None, "it never allowed one: {left:?}");
         }
         assert_eq!(names_on_node(&cluster).await?.len(), 3, "guarded pods still running");
         assert_eq!(
@@ -194,8 +197,9 @@ on_both_backends! {
             let others = requests.len() - evictions;
             assert_eq!(evictions, 110, "one eviction per pod");
             assert!(
-                others <= 4,
-                "a LIST, a LIST and a WATCH to wait, not polling: {others} other requests"
+                others <= 6,
+                "a LIST of pods, a LIST and a WATCH of budgets, a LIST and a WATCH to wait, \
+                 not polling: {others} other requests"
             );
         }
         Ok(())
@@ -254,7 +258,8 @@ on_both_backends! {
         cni["spec"]["priority"] = json!(2_000_001_000);
         cluster.add_pod(cni).await?;
 
-        let report = drain(&cluster, fast_settings(), within(30)).await?;
+        // Time enough for the critical pods' own grace (30 s) after the workloads.
+        let report = drain(&cluster, fast_settings(), within(60)).await?;
 
         assert!(report.complete, "{report:?}");
         let order: Vec<String> = cluster.terminations().into_iter().map(|t| t.0 .0).collect();
@@ -528,6 +533,126 @@ on_both_backends! {
                 );
             }
         }
+        Ok(())
+    }
+}
+
+on_both_backends! {
+    /// With the fixed retry interval far beyond the deadline, only the budget watch can tell
+    /// the drain when the one-at-a-time budget allows the next eviction.
+    async fn a_refused_eviction_is_retried_when_its_budget_allows_not_on_a_timer(
+        backend: Backend
+    ) -> anyhow::Result<()> {
+        let cluster = start(backend, behaviour()).await?;
+        pods(&cluster, 4, "db-7f9", "db").await?;
+        cluster
+            .add_pdb(fixtures::pdb_max_unavailable(NS, "db", "db", 1))
+            .await?;
+        let settings = DrainSettings {
+            eviction_retry_interval: Duration::from_secs(600),
+            ..fast_settings()
+        };
+
+        let report = drain(&cluster, settings, within(30)).await?;
+
+        assert!(report.complete, "{report:?}");
+        assert_eq!(report.evicted.len(), 4);
+        assert_eq!(min_healthy(&cluster, "db"), Some(3), "the budget held");
+        if let Some(emu) = cluster.emulator() {
+            let evictions = emu
+                .requests()
+                .iter()
+                .filter(|r| r.uri.ends_with("/eviction"))
+                .count();
+            // Each pod is tried when its budget allows: one accepted try each, and a refused
+            // one only where a replacement's readiness raced the try.
+            assert!(evictions <= 4 * 2, "{evictions} eviction requests for 4 pods");
+        }
+        Ok(())
+    }
+}
+
+on_both_backends! {
+    async fn a_free_pod_never_waits_behind_pods_held_by_their_budget(
+        backend: Backend
+    ) -> anyhow::Result<()> {
+        let cluster = start(backend, behaviour()).await?;
+        pods(&cluster, 4, "ledger-5c4", "ledger").await?;
+        cluster
+            .add_pdb(fixtures::pdb_max_unavailable(NS, "ledger-frozen", "ledger", 0))
+            .await?;
+        pods(&cluster, 1, "web-1a2", "web").await?;
+        // Two slots for five pods: four are refused, and must not keep the slots.
+        let settings = DrainSettings {
+            concurrency: 2,
+            eviction_retry_interval: Duration::from_secs(5),
+            ..fast_settings()
+        };
+
+        let report = drain(&cluster, settings, within(4)).await?;
+
+        assert_eq!(report.evicted.len(), 1, "{report:?}");
+        assert!(report.evicted[0].starts_with(&format!("{NS}/web-1a2-")), "{report:?}");
+        assert_eq!(report.left.len(), 4, "{report:?}");
+        assert_eq!(min_healthy(&cluster, "ledger-frozen"), Some(4));
+        Ok(())
+    }
+}
+
+on_both_backends! {
+    async fn critical_pods_go_in_time_while_an_ordinary_pod_is_held_by_its_budget(
+        backend: Backend
+    ) -> anyhow::Result<()> {
+        let cluster = start(backend, behaviour()).await?;
+        pods(&cluster, 1, "ledger-5c4", "ledger").await?;
+        cluster
+            .add_pdb(fixtures::pdb_max_unavailable(NS, "ledger-frozen", "ledger", 0))
+            .await?;
+        let mut dns = fixtures::replicaset_pod("kube-system", "coredns-6d4", 0, NODE, "kube-dns");
+        dns["spec"]["priorityClassName"] = json!("system-cluster-critical");
+        dns["spec"]["terminationGracePeriodSeconds"] = json!(5);
+        cluster.add_pod(dns).await?;
+        let instance_end = Utc::now() + chrono::Duration::seconds(20);
+        let deadline = DrainDeadline {
+            pods_stopped_by: Some(instance_end - chrono::Duration::seconds(5)),
+            give_up_at: instance_end - chrono::Duration::seconds(3),
+        };
+
+        let report = drain(&cluster, fast_settings(), deadline).await?;
+
+        assert!(
+            report.evicted.iter().any(|p| p.starts_with("kube-system/coredns-6d4-")),
+            "{report:?}"
+        );
+        assert!(report.grace_clipped.is_empty(), "CoreDNS kept its own grace: {report:?}");
+        assert_eq!(report.left.len(), 1, "{report:?}");
+        assert!(report.left[0].pod.starts_with(&format!("{NS}/ledger-5c4-")), "{report:?}");
+        let graces: Vec<Option<i64>> = cluster.terminations().into_iter().map(|t| t.1).collect();
+        assert!(graces.iter().all(|g| g.is_none_or(|g| g == 5)), "{graces:?}");
+        Ok(())
+    }
+}
+
+on_both_backends! {
+    /// An eviction with `gracePeriodSeconds: 0` deletes the pod object while its containers
+    /// may still run; past the instance's end the drain asks for 1 s, never 0.
+    async fn no_eviction_forces_a_zero_grace_period_unless_the_operator_does(
+        backend: Backend
+    ) -> anyhow::Result<()> {
+        let cluster = start(backend, behaviour()).await?;
+        pods(&cluster, 2, "web-1a2", "web").await?;
+        let deadline = DrainDeadline {
+            pods_stopped_by: Some(Utc::now() - chrono::Duration::seconds(1)),
+            give_up_at: Utc::now() + chrono::Duration::seconds(10),
+        };
+
+        let report = drain(&cluster, fast_settings(), deadline).await?;
+
+        assert!(report.complete, "{report:?}");
+        let graces: Vec<Option<i64>> = cluster.terminations().into_iter().map(|t| t.1).collect();
+        assert_eq!(graces, [Some(1), Some(1)]);
+        assert_eq!(report.grace_clipped.len(), 2, "{report:?}");
+        assert!(report.grace_clipped.iter().all(|g| g.own_seconds == 30 && g.asked_seconds == 1));
         Ok(())
     }
 }

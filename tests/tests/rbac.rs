@@ -25,11 +25,13 @@ const RBAC_PATIENCE: Duration = Duration::from_secs(30);
 fn permission(method: &str, uri: &str) -> (String, String) {
     let (path, query) = uri.split_once('?').unwrap_or((uri, ""));
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    // /api/v1/<resource>[/<name>] or /api/v1/namespaces/<ns>/<resource>[/<name>[/<sub>]]
-    let rest: Vec<&str> = if parts.get(2) == Some(&"namespaces") {
-        parts[4..].to_vec()
+    // /api/v1/<resource>[/<name>] or /api/v1/namespaces/<ns>/<resource>[/<name>[/<sub>]];
+    // /apis/<group>/<version>/... alike.
+    let base = if parts.first() == Some(&"apis") { 3 } else { 2 };
+    let rest: Vec<&str> = if parts.get(base) == Some(&"namespaces") {
+        parts.get(base + 2..).unwrap_or_default().to_vec()
     } else {
-        parts[2..].to_vec()
+        parts.get(base..).unwrap_or_default().to_vec()
     };
     let resource = match rest.as_slice() {
         [resource, _, sub] => format!("{resource}/{sub}"),
@@ -66,6 +68,13 @@ fn permissions_are_read_like_the_authorizer_does() {
     assert_eq!(
         permission("POST", "/api/v1/namespaces/default/events"),
         ("events".into(), "create".into())
+    );
+    assert_eq!(
+        permission(
+            "GET",
+            "/apis/policy/v1/poddisruptionbudgets?watch=true&resourceVersion=5"
+        ),
+        ("poddisruptionbudgets".into(), "watch".into())
     );
 }
 

@@ -1,97 +1,91 @@
-//! One pod's eviction through the policy/v1 Eviction subresource, retried while a
-//! PodDisruptionBudget (or a transient server error) says no, until the deadline.
+//! One eviction attempt through the policy/v1 Eviction subresource, and what its answer
+//! means for the drain; [`super::schedule`] decides when to try again.
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use serde_json::json;
-use tracing::{debug, warn};
 
-use super::{DrainDeadline, DrainSettings, PodRef};
+use super::PodRef;
 
 /// Kubernetes' default `terminationGracePeriodSeconds`.
-const DEFAULT_GRACE_SECONDS: i64 = 30;
+pub(super) const DEFAULT_GRACE_SECONDS: i64 = 30;
+
+/// The shortest grace period asked for, unless the operator forces 0: an Eviction with
+/// `gracePeriodSeconds: 0` deletes the pod object at once while its containers may still
+/// run, so a StatefulSet can start the same identity elsewhere. `kubectl drain` turns 0
+/// into 1 unless `--force` for the same reason.
+pub(super) const MIN_GRACE_SECONDS: i64 = 1;
 
 /// The status cause the NamespaceLifecycle admission plugin gives when a namespace is being
 /// deleted: the namespace controller deletes its pods, so the drain waits for them.
 const NAMESPACE_TERMINATING: &str = "NamespaceTerminating";
 
-/// How one eviction ended.
-pub(super) enum Evicted {
+/// How one eviction attempt ended.
+pub(super) enum Attempt {
     /// Accepted (or the pod is going anyway): wait for it to be gone.
     Accepted,
     /// Not there any more (404, or a new pod under the same name).
     Gone,
-    /// Refused until the deadline, with the last reason.
-    Refused(String),
+    /// A PodDisruptionBudget said no (429): try again when it allows.
+    Budget(String),
+    /// The API server could not answer (5xx, a refused token, a dropped connection): try
+    /// again after the retry interval.
+    Transient(String),
+    /// Refused for a reason trying again will not change.
+    Failed(String),
+}
+
+/// The pod's own grace period (or the operator's override).
+pub(super) fn own_grace(pod: &Pod, override_seconds: Option<i64>) -> i64 {
+    override_seconds.unwrap_or_else(|| {
+        pod.spec
+            .as_ref()
+            .and_then(|s| s.termination_grace_period_seconds)
+            .unwrap_or(DEFAULT_GRACE_SECONDS)
+    })
 }
 
 /// The grace period to ask for: the pod's own (or the operator's override), clipped so that
-/// the pod has stopped by `stopped_by`. `None` leaves the pod's own grace period untouched.
+/// the pod has stopped by `stopped_by`, but never below [`MIN_GRACE_SECONDS`] unless the
+/// operator's override is 0. `None` leaves the pod's own grace period untouched.
 pub(super) fn grace_seconds(
     pod: &Pod,
     override_seconds: Option<i64>,
     stopped_by: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
 ) -> Option<i64> {
-    let own = override_seconds.unwrap_or_else(|| {
-        pod.spec
-            .as_ref()
-            .and_then(|s| s.termination_grace_period_seconds)
-            .unwrap_or(DEFAULT_GRACE_SECONDS)
-    });
+    let own = own_grace(pod, override_seconds);
+    let floor = if override_seconds == Some(0) {
+        0
+    } else {
+        MIN_GRACE_SECONDS
+    };
     match stopped_by {
         Some(limit) => {
-            let left = (limit - now).num_seconds().max(0);
+            let left = (limit - now).num_seconds().max(floor);
             (own > left || override_seconds.is_some()).then_some(own.min(left))
         }
         None => override_seconds,
     }
 }
 
-/// Posts the Eviction until the API server accepts it, the pod is gone, or the deadline
-/// passes. The request is built here rather than through kube's `evict`, whose delete
-/// options are not sent under the field name the API expects (`deleteOptions`).
-pub(super) async fn evict_until_accepted(
-    client: &Client,
-    settings: &DrainSettings,
-    pod: &Pod,
-    id: &PodRef,
-    deadline: DrainDeadline,
-) -> Evicted {
-    loop {
-        let grace = grace_seconds(
-            pod,
-            settings.grace_period_override,
-            deadline.pods_stopped_by,
-            Utc::now(),
-        );
-        let reason = match post_eviction(client, id, grace).await {
-            Ok(()) => {
-                debug!(pod = %id, grace_seconds = ?grace, "eviction accepted");
-                return Evicted::Accepted;
+/// Posts the Eviction once.
+pub(super) async fn attempt(client: &Client, id: &PodRef, grace: Option<i64>) -> Attempt {
+    match post_eviction(client, id, grace).await {
+        Ok(()) => Attempt::Accepted,
+        Err(kube::Error::Api(status)) => match status.code {
+            404 | 409 => Attempt::Gone,
+            429 => Attempt::Budget(format!("PodDisruptionBudget: {}", status_reason(&status))),
+            // More than one PDB selects the pod, or a transient server error; or the token
+            // was refused and the next attempt carries a fresh one.
+            401 | 500 | 503 | 504 => {
+                Attempt::Transient(format!("API server: {}", status_reason(&status)))
             }
-            Err(kube::Error::Api(status)) => match status.code {
-                404 | 409 => return Evicted::Gone,
-                429 => format!("PodDisruptionBudget: {}", status_reason(&status)),
-                // More than one PDB selects the pod, or a transient server error; or the token
-                // was refused and the next attempt carries a fresh one.
-                401 | 500 | 503 | 504 => format!("API server: {}", status_reason(&status)),
-                403 if has_cause(&status, NAMESPACE_TERMINATING) => return Evicted::Accepted,
-                _ => {
-                    return Evicted::Refused(format!("eviction failed: {}", status_reason(&status)))
-                }
-            },
-            Err(error) => format!("eviction request failed: {error}"),
-        };
-        let next_try = Utc::now()
-            + chrono::Duration::from_std(settings.eviction_retry_interval).unwrap_or_default();
-        if next_try >= deadline.give_up_at {
-            warn!(pod = %id, %reason, "eviction refused until the deadline");
-            return Evicted::Refused(reason);
-        }
-        debug!(pod = %id, %reason, "eviction refused; retrying");
-        tokio::time::sleep(settings.eviction_retry_interval).await;
+            403 if has_cause(&status, NAMESPACE_TERMINATING) => Attempt::Accepted,
+            _ => Attempt::Failed(format!("eviction failed: {}", status_reason(&status))),
+        },
+        Err(error) => Attempt::Transient(format!("eviction request failed: {error}")),
     }
 }
 
@@ -160,16 +154,12 @@ mod tests {
         assert_eq!(grace_seconds(&pod(300), None, Some(limit), now), Some(90));
         // A pod whose own grace fits is left alone.
         assert_eq!(grace_seconds(&pod(10), None, Some(limit), now), None);
-        // Past the deadline: stop now.
-        assert_eq!(
-            grace_seconds(
-                &pod(300),
-                None,
-                Some(now - chrono::Duration::seconds(5)),
-                now
-            ),
-            Some(0)
-        );
+        // Past the deadline: as soon as possible, but never a forced delete.
+        let past = Some(now - chrono::Duration::seconds(5));
+        assert_eq!(grace_seconds(&pod(300), None, past, now), Some(1));
+        assert_eq!(grace_seconds(&pod(300), Some(30), past, now), Some(1));
+        // Only the operator's explicit 0 forces it.
+        assert_eq!(grace_seconds(&pod(300), Some(0), past, now), Some(0));
         // No known end: the operator's override, else the pod's own.
         assert_eq!(grace_seconds(&pod(300), Some(20), None, now), Some(20));
         assert_eq!(grace_seconds(&pod(300), None, None, now), None);

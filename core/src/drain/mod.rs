@@ -1,14 +1,15 @@
 //! The drain: evict every pod that `kubectl drain` would, through the Eviction API so that
 //! PodDisruptionBudgets are honoured, and wait until they are gone, all before a deadline.
 
+mod budgets;
 mod evict;
+mod schedule;
 mod select;
 mod wait;
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, ListParams, Preconditions};
 use kube::{Api, Client};
@@ -16,12 +17,14 @@ use serde::Serialize;
 use serde_json::json;
 use tracing::{info, instrument, warn};
 
-use evict::{evict_until_accepted, Evicted};
 use select::{disposition, is_system_critical, Disposition};
 
-/// Between two eviction attempts refused by a PodDisruptionBudget (429). `kubectl drain` waits
-/// 5 s too: long enough for a replacement pod to turn Ready and free a disruption, short
-/// enough that a two-minute Spot notice allows some twenty tries.
+pub use schedule::GraceNote;
+
+/// Between two eviction attempts refused by a PodDisruptionBudget (429) when no budget watch
+/// says when to try again, and after a transient error. `kubectl drain` waits 5 s too: long
+/// enough for a replacement pod to turn Ready and free a disruption, short enough that a
+/// two-minute Spot notice allows some twenty tries.
 pub const EVICTION_RETRY_INTERVAL: Duration = Duration::from_secs(5);
 
 /// After a failed LIST or WATCH while waiting for pods to go, before trying again.
@@ -122,6 +125,27 @@ impl std::fmt::Display for PodRef {
 pub struct PodNote {
     pub pod: String,
     pub reason: String,
+    /// The budget that refused the pod's eviction (`namespace/name`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget: Option<String>,
+    /// How many times its budget refused it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refusals: Option<u32>,
+    /// When that budget last allowed an eviction, as far as the drain saw.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget_last_allowed: Option<DateTime<Utc>>,
+}
+
+impl PodNote {
+    pub(crate) fn new(pod: &impl std::fmt::Display, reason: String) -> Self {
+        Self {
+            pod: pod.to_string(),
+            reason,
+            budget: None,
+            refusals: None,
+            budget_last_allowed: None,
+        }
+    }
 }
 
 /// What a drain did, logged as one JSON object and returned to the caller.
@@ -136,6 +160,8 @@ pub struct DrainReport {
     pub skipped: Vec<PodNote>,
     /// Still on the node when the drain ended, and why.
     pub left: Vec<PodNote>,
+    /// Pods whose grace period was shortened to end before the instance does.
+    pub grace_clipped: Vec<GraceNote>,
     pub duration_ms: u64,
     /// When pods had to be gone: the instance's end less a margin, else the drain's own limit.
     pub deadline: DateTime<Utc>,
@@ -210,6 +236,7 @@ impl Drainer {
             deleted: Vec::new(),
             skipped: Vec::new(),
             left: Vec::new(),
+            grace_clipped: Vec::new(),
             duration_ms: 0,
             deadline: deadline.pods_stopped_by.unwrap_or(deadline.give_up_at),
             complete: false,
@@ -220,20 +247,17 @@ impl Drainer {
         for pod in pods {
             let id = pod_ref(&pod);
             match disposition(&pod, &self.settings) {
-                Disposition::Skip(reason) => report.skipped.push(PodNote {
-                    pod: id.to_string(),
-                    reason,
-                }),
+                Disposition::Skip(reason) => report.skipped.push(PodNote::new(&id, reason)),
                 Disposition::Wait => to_wait.push(id),
                 Disposition::Delete if self.settings.dry_run => report.deleted.push(id.to_string()),
                 Disposition::Delete => {
                     if self.delete_finished(&id).await {
                         report.deleted.push(id.to_string());
                     } else {
-                        report.left.push(PodNote {
-                            pod: id.to_string(),
-                            reason: "finished pod could not be deleted".into(),
-                        });
+                        report.left.push(PodNote::new(
+                            &id,
+                            "finished pod could not be deleted".into(),
+                        ));
                     }
                 }
                 Disposition::Evict => to_evict.push(pod),
@@ -251,29 +275,14 @@ impl Drainer {
         // Ordinary workloads first; the node's DNS and networking pods go last.
         let (critical, ordinary): (Vec<Pod>, Vec<Pod>) =
             to_evict.into_iter().partition(is_system_critical);
-        for wave in [ordinary, critical] {
-            let outcomes: Vec<(PodRef, Evicted)> = futures::stream::iter(wave)
-                .map(|pod| async move {
-                    let id = pod_ref(&pod);
-                    let outcome =
-                        evict_until_accepted(&self.client, &self.settings, &pod, &id, deadline)
-                            .await;
-                    (id, outcome)
-                })
-                .buffer_unordered(self.settings.concurrency.max(1))
-                .collect()
-                .await;
-            for (id, outcome) in outcomes {
-                match outcome {
-                    Evicted::Accepted => to_wait.push(id),
-                    Evicted::Gone => report.evicted.push(id.to_string()),
-                    Evicted::Refused(reason) => report.left.push(PodNote {
-                        pod: id.to_string(),
-                        reason,
-                    }),
-                }
-            }
-        }
+        let evictions =
+            schedule::evict_all(&self.client, &self.settings, ordinary, critical, deadline).await;
+        to_wait.extend(evictions.accepted);
+        report
+            .evicted
+            .extend(evictions.gone.iter().map(ToString::to_string));
+        report.left.extend(evictions.left);
+        report.grace_clipped = evictions.clipped;
 
         let (gone, still_there) = wait::wait_until_gone(
             &self.client,
@@ -285,12 +294,12 @@ impl Drainer {
         )
         .await?;
         report.evicted.extend(gone.iter().map(ToString::to_string));
-        report
-            .left
-            .extend(still_there.into_iter().map(|id| PodNote {
-                pod: id.to_string(),
-                reason: "still terminating when the drain deadline passed".into(),
-            }));
+        report.left.extend(still_there.into_iter().map(|id| {
+            PodNote::new(
+                &id,
+                "still terminating when the drain deadline passed".into(),
+            )
+        }));
         report.complete = report.left.is_empty();
         report.duration_ms = elapsed_ms(started);
         let (evicted, left) = (report.evicted.len(), report.left.len());

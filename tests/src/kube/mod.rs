@@ -546,8 +546,8 @@ fn list_response(
     ))
 }
 
-/// The emulator serves watches of pods only; a watch of anything else must not quietly get
-/// a list back.
+/// The emulator serves watches of pods and PodDisruptionBudgets only; a watch of anything
+/// else must not quietly get a list back.
 fn refuse_watch(q: &HashMap<String, String>, resource: &str) -> Result<(), ApiError> {
     if matches!(q.get("watch").map(String::as_str), Some("true" | "1")) {
         return Err(ApiError::bad_request(format!(
@@ -757,8 +757,7 @@ fn list_pods(
 /// The longest watch the server keeps open when the client names no timeoutSeconds.
 const DEFAULT_WATCH_TIMEOUT: Duration = Duration::from_secs(1800);
 
-/// A watch: JSON lines of `{"type", "object"}`, from the given resourceVersion (or, without
-/// one, synthetic ADDED events for what exists), until timeoutSeconds.
+/// A watch of pods, filtered by namespace, fields and labels.
 fn watch_pods(
     s: &AppState,
     namespace: Option<&str>,
@@ -776,6 +775,23 @@ fn watch_pods(
                 .all(|t| (field_value(pod, &t.field) == t.value) == t.equal)
             && label_selector_matches(labels.as_ref(), pod).unwrap_or(false)
     };
+    watch(s, "pods", matches, q, |world| {
+        world.pods.values().cloned().collect()
+    })
+}
+
+/// A watch: JSON lines of `{"type", "object"}` for changes to `resource` that `matches`,
+/// from the given resourceVersion (or, without one, synthetic ADDED events for what
+/// `existing` returns), until timeoutSeconds.
+fn watch(
+    s: &AppState,
+    resource: &'static str,
+    matches: impl Fn(&Value) -> bool + Send + 'static,
+    q: &HashMap<String, String>,
+    existing: impl FnOnce(&World) -> Vec<Value>,
+) -> Result<Response, ApiError> {
+    let matches =
+        move |change: &WatchChange| change.resource == resource && matches(&change.object);
     let timeout = q
         .get("timeoutSeconds")
         .and_then(|t| t.parse().ok())
@@ -812,13 +828,13 @@ fn watch_pods(
             let (_, receiver) = world
                 .watch_from(current)
                 .ok_or_else(|| ApiError::gone("no history"))?;
-            let existing = world
-                .pods
-                .values()
-                .map(|p| {
+            let existing = existing(&world)
+                .into_iter()
+                .map(|object| {
                     Arc::new(WatchChange {
+                        resource,
                         kind: "ADDED",
-                        object: p.clone(),
+                        object,
                     })
                 })
                 .collect();
@@ -839,7 +855,7 @@ fn watch_pods(
                         _ => return None,
                     },
                 };
-                if matches(&change.object) {
+                if matches(&change) {
                     let line = format!(
                         "{}\n",
                         json!({"type": change.kind, "object": change.object})
@@ -1077,8 +1093,24 @@ fn list_pdbs(
     s: &AppState,
     namespace: Option<&str>,
     q: &HashMap<String, String>,
-) -> Result<Json<Value>, ApiError> {
-    refuse_watch(q, "poddisruptionbudgets")?;
+) -> Result<Response, ApiError> {
+    if matches!(q.get("watch").map(String::as_str), Some("true" | "1")) {
+        let wanted = namespace.map(str::to_owned);
+        let in_namespace = move |pdb: &Value| {
+            wanted.as_deref().is_none_or(|ns| {
+                pdb.pointer("/metadata/namespace").and_then(Value::as_str) == Some(ns)
+            })
+        };
+        let listed = namespace.map(str::to_owned);
+        return watch(s, "poddisruptionbudgets", in_namespace, q, move |world| {
+            world
+                .pdbs
+                .iter()
+                .filter(|((ns, _), _)| listed.as_deref().is_none_or(|want| want == ns))
+                .map(|(_, pdb)| world.pdb_with_status(pdb))
+                .collect()
+        });
+    }
     let world = lock(&s.world);
     let items = world
         .pdbs
@@ -1093,12 +1125,13 @@ fn list_pdbs(
         world.current_resource_version(),
         q,
     )
+    .map(IntoResponse::into_response)
 }
 
 async fn list_all_pdbs(
     State(s): State<AppState>,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     list_pdbs(&s, None, &q)
 }
 
@@ -1106,7 +1139,7 @@ async fn list_ns_pdbs(
     State(s): State<AppState>,
     Path(ns): Path<String>,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     list_pdbs(&s, Some(&ns), &q)
 }
 

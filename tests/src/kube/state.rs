@@ -64,18 +64,20 @@ pub struct EvictionRecord {
     pub at: Instant,
 }
 
-/// One change to a pod, as a watch reports it.
+/// One change to a pod or a PodDisruptionBudget, as a watch reports it.
 #[derive(Debug, Clone)]
 pub struct WatchChange {
+    /// `pods` or `poddisruptionbudgets`.
+    pub resource: &'static str,
     /// `ADDED`, `MODIFIED` or `DELETED`.
     pub kind: &'static str,
     pub object: Value,
 }
 
-/// Live pod changes, with the resourceVersion each happened at.
+/// Live changes, with the resourceVersion each happened at.
 pub type ChangeReceiver = tokio::sync::broadcast::Receiver<(u64, Arc<WatchChange>)>;
 
-/// How many pod changes a watch can resume from, like the API server's watch cache.
+/// How many changes a watch can resume from, like the API server's watch cache.
 const WATCH_HISTORY: usize = 20_000;
 
 /// What happened, for tests and benchmarks to assert on.
@@ -154,6 +156,9 @@ pub struct World {
     uid_counter: u64,
     /// Shared, not copied: every watcher of a busy cluster sees every change.
     history: VecDeque<(u64, Arc<WatchChange>)>,
+    /// Each budget's status as last published: the disruption controller writes a budget's
+    /// status (a new resourceVersion, a MODIFIED event) only when it changes.
+    pdb_status: HashMap<Key, Value>,
     changes: tokio::sync::broadcast::Sender<(u64, Arc<WatchChange>)>,
 }
 
@@ -229,13 +234,23 @@ impl World {
             resource_version: 0,
             uid_counter: 0,
             history: VecDeque::new(),
+            pdb_status: HashMap::new(),
             changes: tokio::sync::broadcast::channel(4096).0,
         }
     }
 
     /// Publishes a pod change to watchers, at the current resourceVersion.
     fn pod_changed(&mut self, kind: &'static str, pod: Value) {
-        let change = Arc::new(WatchChange { kind, object: pod });
+        self.changed("pods", kind, pod);
+    }
+
+    /// Publishes a change to watchers, at the current resourceVersion.
+    fn changed(&mut self, resource: &'static str, kind: &'static str, object: Value) {
+        let change = Arc::new(WatchChange {
+            resource,
+            kind,
+            object,
+        });
         let rv = self.resource_version;
         if self.history.len() == WATCH_HISTORY {
             self.history.pop_front();
@@ -312,10 +327,25 @@ impl World {
         self.observe_pdbs();
     }
 
+    /// Creates the budget, or replaces its spec (keeping its uid) as an update would.
     pub fn add_pdb(&mut self, mut pdb: Value) {
-        self.stamp(&mut pdb);
         let key = key_of(&pdb);
-        self.pdbs.insert(key.clone(), pdb);
+        let kind = match self.pdbs.get(&key) {
+            Some(old) => {
+                pdb["metadata"]["uid"] = old["metadata"]["uid"].clone();
+                pdb["metadata"]["creationTimestamp"] = old["metadata"]["creationTimestamp"].clone();
+                pdb["metadata"]["resourceVersion"] = json!(self.next_resource_version());
+                "MODIFIED"
+            }
+            None => {
+                self.stamp(&mut pdb);
+                "ADDED"
+            }
+        };
+        self.pdbs.insert(key.clone(), pdb.clone());
+        let published = self.pdb_with_status(&pdb);
+        self.pdb_status.insert(key, published["status"].clone());
+        self.changed("poddisruptionbudgets", kind, published);
         self.observe_pdbs();
     }
 
@@ -474,7 +504,9 @@ impl World {
         (healthy, desired, expected)
     }
 
-    /// Records the healthy count of every PDB; called after every change to pods.
+    /// Records the healthy count of every PDB and, as the disruption controller does,
+    /// writes the status of each whose numbers changed (a MODIFIED event); called after
+    /// every change to pods.
     fn observe_pdbs(&mut self) {
         let counts: Vec<(Key, i64)> = self
             .pdbs
@@ -484,6 +516,25 @@ impl World {
         for (key, healthy) in counts {
             let min = self.record.pdb_min_healthy.entry(key).or_insert(healthy);
             *min = (*min).min(healthy);
+        }
+        let keys: Vec<Key> = self.pdbs.keys().cloned().collect();
+        for key in keys {
+            let Some(pdb) = self.pdbs.get(&key) else {
+                continue;
+            };
+            let status = self.pdb_with_status(pdb)["status"].clone();
+            if self.pdb_status.get(&key) == Some(&status) {
+                continue;
+            }
+            let rv = self.next_resource_version();
+            let Some(stored) = self.pdbs.get_mut(&key) else {
+                continue;
+            };
+            stored["metadata"]["resourceVersion"] = json!(rv);
+            let mut published = stored.clone();
+            published["status"] = status.clone();
+            self.pdb_status.insert(key, status);
+            self.changed("poddisruptionbudgets", "MODIFIED", published);
         }
     }
 
