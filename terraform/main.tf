@@ -27,6 +27,9 @@ locals {
   # An access entry in each named cluster of clusters; "*" names none.
   listed_access_entry_clusters = var.create_access_entry ? toset([for name in var.clusters : name if name != "*"]) : toset([])
 
+  # The lifecycle permissions hold only in groups carrying managed_tag (see the policy).
+  lifecycle_managed_groups_only = var.check_managed_tag && var.lifecycle_managed_groups_only
+
   group_arn_prefix = "arn:${local.partition}:autoscaling:${local.region}:${local.account_id}:autoScalingGroup:*:autoScalingGroupName/"
   lifecycle_group_arns = (
     length(var.auto_scaling_group_names) > 0
@@ -120,6 +123,19 @@ data "aws_iam_policy_document" "function" {
     sid       = "LifecycleActions"
     actions   = ["autoscaling:CompleteLifecycleAction", "autoscaling:RecordLifecycleActionHeartbeat"]
     resources = local.lifecycle_group_arns
+
+    # Defence in depth (lifecycle_managed_groups_only, with check_managed_tag): only in groups
+    # that carry managed_tag, whatever its value, so that not even a bug can release another
+    # team's hook. Both actions take the autoScalingGroup resource, whose condition keys
+    # include autoscaling:ResourceTag/<key> (IAM service authorization reference).
+    dynamic "condition" {
+      for_each = local.lifecycle_managed_groups_only ? [var.managed_tag] : []
+      content {
+        test     = "StringLike"
+        variable = "autoscaling:ResourceTag/${condition.value}"
+        values   = ["*"]
+      }
+    }
   }
 
   # Lambda sends the on-failure record with the function's role.

@@ -168,13 +168,24 @@ variable "actions" {
 }
 
 variable "managed_tag" {
-  description = "The tag an instance, or its Auto Scaling group, must carry for nth to act on it (MANAGED_TAG)."
+  description = "The tag key an instance, or its Auto Scaling group, must carry for nth to act on it (MANAGED_TAG). One key."
   type        = string
   default     = "node-termination-handler/managed"
+
+  validation {
+    condition     = var.managed_tag != "" && !strcontains(var.managed_tag, ",")
+    error_message = "managed_tag is one tag key, not empty (a tag key holds no comma)."
+  }
 }
 
 variable "check_managed_tag" {
   description = "Act only on instances carrying managed_tag (CHECK_MANAGED_TAG)."
+  type        = bool
+  default     = true
+}
+
+variable "lifecycle_managed_groups_only" {
+  description = "With check_managed_tag: the role may complete lifecycle actions and record their heartbeats only in Auto Scaling groups that carry managed_tag (an IAM condition on autoscaling:ResourceTag), so a group must carry the tag itself for its hooks to be served. false allows every group (or auto_scaling_group_names), for instances tagged without their group."
   type        = bool
   default     = true
 }

@@ -39,10 +39,18 @@ def template_grants() -> tuple[set[str], set[str]]:
     role_ref = functions[0]["Properties"].get("Role")
     if not (isinstance(role_ref, dict) and "Fn::GetAtt" in role_ref):
         raise SystemExit("template.yaml: the function's Role must be !GetAtt <role>.Arn of a role in the template")
-    role = resources[role_ref["Fn::GetAtt"][0]]
+    role_id = role_ref["Fn::GetAtt"][0]
+    role = resources[role_id]
+    documents = [policy["PolicyDocument"] for policy in role["Properties"].get("Policies", [])]
+    # Policies of their own that name the role (the lifecycle actions' policy).
+    documents += [
+        r["Properties"]["PolicyDocument"]
+        for r in resources.values()
+        if r["Type"] == "AWS::IAM::RolePolicy" and r["Properties"].get("RoleName") == {"Ref": role_id}
+    ]
     actions: set[str] = set()
-    for policy in role["Properties"].get("Policies", []):
-        for statement in cfn_branches(policy["PolicyDocument"]["Statement"]):
+    for document in documents:
+        for statement in cfn_branches(document["Statement"]):
             for s in as_list(statement):
                 for s2 in cfn_branches(s):
                     if s2.get("Effect") == "Allow":

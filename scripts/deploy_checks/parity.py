@@ -62,6 +62,9 @@ def same_default(cfn: dict[str, Any], tf: dict[str, Any]) -> bool:
     if not has_tf_default:
         return False
     if cfn["Type"] == "CommaDelimitedList":
+        # ManagedTag: a list of one in the template (Fn::ForEach's collection), a string here.
+        if tf.get("type") == "${string}" or isinstance(tfd, str):
+            return [sam] == sam.split(",") and sam == tfd
         return (sam == "" and tfd == []) or sam.split(",") == tfd
     if sam == "":
         return tfd in (None, "")

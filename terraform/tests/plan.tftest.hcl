@@ -109,6 +109,13 @@ run "defaults" {
     error_message = "no secret statement without a secret, no eks:DescribeCluster with cluster_endpoint"
   }
   assert {
+    condition = [
+      for c in data.aws_iam_policy_document.function.statement[1].condition :
+      [c.test, c.variable, toset(c.values)]
+    ] == [["StringLike", "autoscaling:ResourceTag/node-termination-handler/managed", toset(["*"])]]
+    error_message = "lifecycle actions only in groups that carry the managed tag"
+  }
+  assert {
     condition     = length(aws_eks_access_entry.function) == 1 && length(aws_eks_access_entry.clusters) == 0
     error_message = "one access entry, in cluster_name"
   }
@@ -294,6 +301,60 @@ run "subnets_need_security_groups" {
   }
 
   expect_failures = [aws_lambda_function.this]
+}
+
+run "lifecycle_condition_follows_the_managed_tag" {
+  command = plan
+
+  variables {
+    managed_tag = "team-a/nth"
+  }
+
+  assert {
+    condition = [
+      for c in data.aws_iam_policy_document.function.statement[1].condition :
+      [c.test, c.variable, toset(c.values)]
+    ] == [["StringLike", "autoscaling:ResourceTag/team-a/nth", toset(["*"])]]
+    error_message = "the condition names managed_tag"
+  }
+}
+
+# Without the managed-tag check nth serves every instance of the cluster: a condition on the
+# group's tag would deny lifecycle actions it must complete.
+run "no_lifecycle_condition_without_the_managed_tag_check" {
+  command = plan
+
+  variables {
+    check_managed_tag = false
+  }
+
+  assert {
+    condition     = length(data.aws_iam_policy_document.function.statement[1].condition) == 0
+    error_message = "no tag condition when check_managed_tag is false"
+  }
+}
+
+run "no_lifecycle_condition_when_turned_off" {
+  command = plan
+
+  variables {
+    lifecycle_managed_groups_only = false
+  }
+
+  assert {
+    condition     = length(data.aws_iam_policy_document.function.statement[1].condition) == 0
+    error_message = "lifecycle_managed_groups_only = false lifts the condition"
+  }
+}
+
+run "managed_tag_is_one_key" {
+  command = plan
+
+  variables {
+    managed_tag = "a,b"
+  }
+
+  expect_failures = [var.managed_tag]
 }
 
 run "taint_effect_is_checked" {
