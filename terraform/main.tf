@@ -100,16 +100,9 @@ resource "aws_iam_role" "function" {
   })
 }
 
-resource "aws_iam_role_policy_attachment" "logs" {
-  role       = aws_iam_role.function.name
-  policy_arn = "arn:${local.partition}:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole"
-}
-
-resource "aws_iam_role_policy_attachment" "vpc" {
-  count      = local.use_vpc ? 1 : 0
-  role       = aws_iam_role.function.name
-  policy_arn = "arn:${local.partition}:iam::aws:policy/service-role/AWSLambdaVPCAccessExecutionRole"
-}
+# No managed policies: AWSLambdaBasicExecutionRole and AWSLambdaVPCAccessExecutionRole allow
+# logs actions on every log group. The Logs and Vpc statements below grant the same, the logs
+# on the function's own log group only.
 
 data "aws_iam_policy_document" "function" {
   # Neither action supports resource-level permissions.
@@ -135,6 +128,32 @@ data "aws_iam_policy_document" "function" {
         variable = "autoscaling:ResourceTag/${condition.value}"
         values   = ["*"]
       }
+    }
+  }
+
+  # Lambda writes the function's log with its role: to its own log group only.
+  statement {
+    sid       = "Logs"
+    actions   = ["logs:CreateLogStream", "logs:PutLogEvents"]
+    resources = ["${aws_cloudwatch_log_group.function.arn}:*"]
+  }
+
+  # In a VPC (subnet_ids), Lambda manages the function's network interfaces with its role:
+  # AWSLambdaVPCAccessExecutionRole's EC2 actions, without its logs. None of them is limited
+  # to a subnet or interface by Lambda's use of them.
+  dynamic "statement" {
+    for_each = local.use_vpc ? [1] : []
+    content {
+      sid = "Vpc"
+      actions = [
+        "ec2:CreateNetworkInterface",
+        "ec2:DescribeNetworkInterfaces",
+        "ec2:DescribeSubnets",
+        "ec2:DeleteNetworkInterface",
+        "ec2:AssignPrivateIpAddresses",
+        "ec2:UnassignPrivateIpAddresses",
+      ]
+      resources = ["*"]
     }
   }
 
@@ -257,10 +276,8 @@ resource "aws_lambda_function" "this" {
     }
   }
 
-  depends_on = [
-    aws_iam_role_policy_attachment.logs,
-    aws_iam_role_policy_attachment.vpc,
-  ]
+  # Its logs and network interface permissions first.
+  depends_on = [aws_iam_role_policy.function]
 }
 
 # Also for the function's own continuations (max_drain_seconds): each is a new asynchronous
