@@ -69,6 +69,7 @@ locals {
     EXCLUDE_POD_LABELS           = join(",", var.exclude_pod_labels)
     WEBHOOK_URL_SECRET_ARN       = var.webhook_url_secret_arn
     WEBHOOK_TEMPLATE             = var.webhook_template
+    WEBHOOK_ALLOW_HTTP           = var.webhook_allow_http ? "true" : ""
   }
   environment = merge(
     local.required_environment,

@@ -315,6 +315,12 @@ variable "webhook_template" {
   default     = ""
 }
 
+variable "webhook_allow_http" {
+  description = "Accept an http:// webhook URL, for a receiver inside your network; false (the default) accepts https:// only, since the URL is a credential (WEBHOOK_ALLOW_HTTP)."
+  type        = bool
+  default     = false
+}
+
 variable "webhook_url_secret_arn" {
   description = "Full ARN of a Secrets Manager secret holding a webhook URL to notify; empty sends none (WEBHOOK_URL_SECRET_ARN). The role may read exactly this secret."
   type        = string

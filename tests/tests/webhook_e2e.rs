@@ -16,6 +16,8 @@ on_both_backends! {
         let receiver = Receiver::start(Mode::Accept).await?;
         let sandbox = Sandbox::start_on(backend, &[
             ("WEBHOOK_URL", receiver.url.as_str()),
+            // The rig's receiver speaks plain http.
+            ("WEBHOOK_ALLOW_HTTP", "true"),
             ("WEBHOOK_FORMAT", "slack"),
             (
                 "WEBHOOK_TEMPLATE",
@@ -70,6 +72,8 @@ on_both_backends! {
         let mut env = sandbox.cli_env();
         env.insert("WEBHOOK_URL_SECRET_ARN".into(), arn);
         env.insert("WEBHOOK_FORMAT".into(), "json".into());
+        // The rig's receiver speaks plain http.
+        env.insert("WEBHOOK_ALLOW_HTTP".into(), "true".into());
         let dir = tempfile::tempdir()?;
         let event_path = dir.path().join("event.json");
         std::fs::write(&event_path, sandbox.spot_event("hook-secret").to_string())?;
@@ -102,7 +106,7 @@ on_both_backends! {
             let receiver = Receiver::start(mode).await?;
             // Each sandbox ends with its iteration, so the real backend's lease is free again.
             let sandbox =
-                Sandbox::start_on(backend, &[("WEBHOOK_URL", receiver.url.as_str())], sandbox_behaviour())
+                Sandbox::start_on(backend, &[("WEBHOOK_URL", receiver.url.as_str()), ("WEBHOOK_ALLOW_HTTP", "true")], sandbox_behaviour())
                     .await?;
 
             let outcome = sandbox.invoke(sandbox.spot_event("hook-bad")).await?;
