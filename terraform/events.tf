@@ -1,5 +1,6 @@
 # One EventBridge rule per kind of event, each with its own switch. Every target is the
 # function, invoked asynchronously, so the event invoke config's retries and destination apply.
+# Every pattern pins the account: events about this account's instances and groups only.
 
 locals {
   # Lifecycle rules match only the named groups, when there are any. (A for expression, not
@@ -15,6 +16,7 @@ locals {
       detail_type = "EC2 Spot Instance Interruption Warning"
       pattern = jsonencode({
         source        = ["aws.ec2"]
+        account       = [local.account_id]
         "detail-type" = ["EC2 Spot Instance Interruption Warning"]
       })
     }
@@ -23,6 +25,7 @@ locals {
       detail_type = "EC2 Instance Rebalance Recommendation"
       pattern = jsonencode({
         source        = ["aws.ec2"]
+        account       = [local.account_id]
         "detail-type" = ["EC2 Instance Rebalance Recommendation"]
       })
     }
@@ -31,6 +34,7 @@ locals {
       detail_type = "EC2 Instance State-change Notification"
       pattern = jsonencode({
         source        = ["aws.ec2"]
+        account       = [local.account_id]
         "detail-type" = ["EC2 Instance State-change Notification"]
         detail = {
           state = ["stopping", "stopped", "shutting-down", "terminated", "running"]
@@ -42,6 +46,7 @@ locals {
       detail_type = "EC2 Capacity Reservation Instance Interruption Warning"
       pattern = jsonencode({
         source        = ["aws.ec2"]
+        account       = [local.account_id]
         "detail-type" = ["EC2 Capacity Reservation Instance Interruption Warning"]
       })
     }
@@ -50,6 +55,7 @@ locals {
       detail_type = "EC2 Instance-terminate Lifecycle Action"
       pattern = jsonencode(merge({
         source        = ["aws.autoscaling"]
+        account       = [local.account_id]
         "detail-type" = ["EC2 Instance-terminate Lifecycle Action"]
       }, local.group_filter))
     }
@@ -58,6 +64,7 @@ locals {
       detail_type = "EC2 Instance-launch Lifecycle Action"
       pattern = jsonencode(merge({
         source        = ["aws.autoscaling"]
+        account       = [local.account_id]
         "detail-type" = ["EC2 Instance-launch Lifecycle Action"]
       }, local.group_filter))
     }
@@ -66,6 +73,7 @@ locals {
       detail_type = "AWS Health Event"
       pattern = jsonencode({
         source        = ["aws.health"]
+        account       = [local.account_id]
         "detail-type" = ["AWS Health Event"]
         detail = {
           service           = ["EC2"]

@@ -27,6 +27,9 @@ locals {
   # An access entry in each named cluster of clusters; "*" names none.
   listed_access_entry_clusters = var.create_access_entry ? toset([for name in var.clusters : name if name != "*"]) : toset([])
 
+  # The lifecycle permissions hold only in groups carrying managed_tag (see the policy).
+  lifecycle_managed_groups_only = var.check_managed_tag && var.lifecycle_managed_groups_only
+
   group_arn_prefix = "arn:${local.partition}:autoscaling:${local.region}:${local.account_id}:autoScalingGroup:*:autoScalingGroupName/"
   lifecycle_group_arns = (
     length(var.auto_scaling_group_names) > 0
@@ -66,6 +69,7 @@ locals {
     EXCLUDE_POD_LABELS           = join(",", var.exclude_pod_labels)
     WEBHOOK_URL_SECRET_ARN       = var.webhook_url_secret_arn
     WEBHOOK_TEMPLATE             = var.webhook_template
+    WEBHOOK_ALLOW_HTTP           = var.webhook_allow_http ? "true" : ""
   }
   environment = merge(
     local.required_environment,
@@ -97,16 +101,9 @@ resource "aws_iam_role" "function" {
   })
 }
 
-resource "aws_iam_role_policy_attachment" "logs" {
-  role       = aws_iam_role.function.name
-  policy_arn = "arn:${local.partition}:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole"
-}
-
-resource "aws_iam_role_policy_attachment" "vpc" {
-  count      = local.use_vpc ? 1 : 0
-  role       = aws_iam_role.function.name
-  policy_arn = "arn:${local.partition}:iam::aws:policy/service-role/AWSLambdaVPCAccessExecutionRole"
-}
+# No managed policies: AWSLambdaBasicExecutionRole and AWSLambdaVPCAccessExecutionRole allow
+# logs actions on every log group. The Logs and Vpc statements below grant the same, the logs
+# on the function's own log group only.
 
 data "aws_iam_policy_document" "function" {
   # None of these actions supports resource-level permissions. DescribeLifecycleHooks
@@ -121,6 +118,45 @@ data "aws_iam_policy_document" "function" {
     sid       = "LifecycleActions"
     actions   = ["autoscaling:CompleteLifecycleAction", "autoscaling:RecordLifecycleActionHeartbeat"]
     resources = local.lifecycle_group_arns
+
+    # Defence in depth (lifecycle_managed_groups_only, with check_managed_tag): only in groups
+    # that carry managed_tag, whatever its value, so that not even a bug can release another
+    # team's hook. Both actions take the autoScalingGroup resource, whose condition keys
+    # include autoscaling:ResourceTag/<key> (IAM service authorization reference).
+    dynamic "condition" {
+      for_each = local.lifecycle_managed_groups_only ? [var.managed_tag] : []
+      content {
+        test     = "StringLike"
+        variable = "autoscaling:ResourceTag/${condition.value}"
+        values   = ["*"]
+      }
+    }
+  }
+
+  # Lambda writes the function's log with its role: to its own log group only.
+  statement {
+    sid       = "Logs"
+    actions   = ["logs:CreateLogStream", "logs:PutLogEvents"]
+    resources = ["${aws_cloudwatch_log_group.function.arn}:*"]
+  }
+
+  # In a VPC (subnet_ids), Lambda manages the function's network interfaces with its role:
+  # AWSLambdaVPCAccessExecutionRole's EC2 actions, without its logs. None of them is limited
+  # to a subnet or interface by Lambda's use of them.
+  dynamic "statement" {
+    for_each = local.use_vpc ? [1] : []
+    content {
+      sid = "Vpc"
+      actions = [
+        "ec2:CreateNetworkInterface",
+        "ec2:DescribeNetworkInterfaces",
+        "ec2:DescribeSubnets",
+        "ec2:DeleteNetworkInterface",
+        "ec2:AssignPrivateIpAddresses",
+        "ec2:UnassignPrivateIpAddresses",
+      ]
+      resources = ["*"]
+    }
   }
 
   # Lambda sends the on-failure record with the function's role.
@@ -242,10 +278,8 @@ resource "aws_lambda_function" "this" {
     }
   }
 
-  depends_on = [
-    aws_iam_role_policy_attachment.logs,
-    aws_iam_role_policy_attachment.vpc,
-  ]
+  # Its logs and network interface permissions first.
+  depends_on = [aws_iam_role_policy.function]
 }
 
 # Also for the function's own continuations (max_drain_seconds): each is a new asynchronous

@@ -116,6 +116,11 @@ variable "reserved_concurrent_executions" {
   description = "Reserved concurrency; null leaves it unset (the account's unreserved pool)."
   type        = number
   default     = null
+
+  validation {
+    condition     = var.reserved_concurrent_executions == null ? true : var.reserved_concurrent_executions >= 0 && floor(var.reserved_concurrent_executions) == var.reserved_concurrent_executions
+    error_message = "reserved_concurrent_executions must be null or a whole number, 0 or more."
+  }
 }
 
 variable "log_level" {
@@ -128,6 +133,12 @@ variable "log_retention_in_days" {
   description = "Days CloudWatch Logs keeps the function's log."
   type        = number
   default     = 30
+
+  # CloudWatch's own values, as template.yaml's AllowedValues; 0 (never expire) is not one.
+  validation {
+    condition     = contains([1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653], var.log_retention_in_days)
+    error_message = "log_retention_in_days must be one of CloudWatch Logs' values: 1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288 or 3653."
+  }
 }
 
 # Behaviour
@@ -168,9 +179,14 @@ variable "actions" {
 }
 
 variable "managed_tag" {
-  description = "The tag an instance, or its Auto Scaling group, must carry for nth to act on it (MANAGED_TAG)."
+  description = "The tag key an instance, or its Auto Scaling group, must carry for nth to act on it (MANAGED_TAG). One key."
   type        = string
   default     = "node-termination-handler/managed"
+
+  validation {
+    condition     = var.managed_tag != "" && !strcontains(var.managed_tag, ",")
+    error_message = "managed_tag is one tag key, not empty (a tag key holds no comma)."
+  }
 }
 
 variable "check_managed_tag" {
@@ -179,22 +195,43 @@ variable "check_managed_tag" {
   default     = true
 }
 
+variable "lifecycle_managed_groups_only" {
+  description = "With check_managed_tag: the role may complete lifecycle actions and record their heartbeats only in Auto Scaling groups that carry managed_tag (an IAM condition on autoscaling:ResourceTag), so a group must carry the tag itself for its hooks to be served. false allows every group (or auto_scaling_group_names), for instances tagged without their group."
+  type        = bool
+  default     = true
+}
+
 variable "drain_concurrency" {
   description = "Evictions in flight at once (DRAIN_CONCURRENCY)."
   type        = number
   default     = 16
+
+  validation {
+    condition     = var.drain_concurrency >= 1
+    error_message = "drain_concurrency must be at least 1."
+  }
 }
 
 variable "eviction_retry_seconds" {
   description = "Pause between evictions refused by a PodDisruptionBudget (EVICTION_RETRY_SECONDS)."
   type        = number
   default     = 5
+
+  validation {
+    condition     = var.eviction_retry_seconds >= 1
+    error_message = "eviction_retry_seconds must be at least 1."
+  }
 }
 
 variable "pod_termination_grace_period" {
   description = "Grace period in seconds for every evicted pod, still clipped to the deadline; null keeps each pod's own (POD_TERMINATION_GRACE_PERIOD)."
   type        = number
   default     = null
+
+  validation {
+    condition     = var.pod_termination_grace_period == null ? true : var.pod_termination_grace_period >= 0 && floor(var.pod_termination_grace_period) == var.pod_termination_grace_period
+    error_message = "pod_termination_grace_period must be null or a whole number of seconds, 0 or more."
+  }
 }
 
 variable "drain_empty_dir_pods" {
@@ -237,6 +274,11 @@ variable "lifecycle_heartbeat_seconds" {
   description = "Seconds between lifecycle-action heartbeats while a lifecycle hook's drain runs; null keeps the default, 30 (LIFECYCLE_HEARTBEAT_SECONDS)."
   type        = number
   default     = null
+
+  validation {
+    condition     = var.lifecycle_heartbeat_seconds == null ? true : var.lifecycle_heartbeat_seconds >= 0 && floor(var.lifecycle_heartbeat_seconds) == var.lifecycle_heartbeat_seconds
+    error_message = "lifecycle_heartbeat_seconds must be null or a whole number of seconds, 0 or more."
+  }
 }
 
 variable "max_drain_seconds" {
@@ -273,10 +315,22 @@ variable "webhook_template" {
   default     = ""
 }
 
+variable "webhook_allow_http" {
+  description = "Accept an http:// webhook URL, for a receiver inside your network; false (the default) accepts https:// only, since the URL is a credential (WEBHOOK_ALLOW_HTTP)."
+  type        = bool
+  default     = false
+}
+
 variable "webhook_url_secret_arn" {
   description = "Full ARN of a Secrets Manager secret holding a webhook URL to notify; empty sends none (WEBHOOK_URL_SECRET_ARN). The role may read exactly this secret."
   type        = string
   default     = ""
+
+  # One secret, by its full ARN: a wildcard would let the role read every secret it matches.
+  validation {
+    condition     = can(regex("^$|^arn:[a-z-]+:secretsmanager:[a-z0-9-]+:[0-9]{12}:secret:[A-Za-z0-9/_+=.@-]+$", var.webhook_url_secret_arn))
+    error_message = "webhook_url_secret_arn must be empty or the full ARN of one Secrets Manager secret (no wildcard)."
+  }
 }
 
 # Events: one EventBridge rule per kind

@@ -30,8 +30,37 @@ const DEFAULT_REBOOT_CHECK_INTERVAL: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_DRAIN: Duration = Duration::from_secs(600);
 
 /// The port aws-node-termination-handler serves Prometheus metrics on, so scrape configs
-/// written for it keep working.
-const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9092";
+/// written for it keep working. Loopback unless told otherwise: with host networking,
+/// `0.0.0.0` would serve every address of the node, its VPC address and any public one. The
+/// DaemonSet sets the node's own address (`$(HOST_IP):9092`, from `status.hostIP`), where the
+/// kubelet's probe and a Prometheus scrape of the pod's IP reach it.
+const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9092";
+
+/// `HOST:PORT`, `[IPv6]:PORT`, or a bare IPv6 address and port (`fd00::1:9092`, as
+/// `$(HOST_IP):9092` reads on an IPv6 node).
+fn metrics_addr(value: &str) -> Result<SocketAddr, ConfigError> {
+    let invalid = |why: String| ConfigError::Invalid {
+        name: "METRICS_ADDR",
+        value: value.to_owned(),
+        why,
+    };
+    match value.trim().parse::<SocketAddr>() {
+        Ok(addr) => Ok(addr),
+        Err(error) => {
+            let (host, port) = value
+                .trim()
+                .rsplit_once(':')
+                .ok_or_else(|| invalid(format!("{error}: expected HOST:PORT")))?;
+            let ip: std::net::IpAddr = host
+                .parse()
+                .map_err(|_| invalid(format!("{error}: expected an IP address and a port")))?;
+            let port: u16 = port
+                .parse()
+                .map_err(|_| invalid(format!("{error}: expected a port after the last ':'")))?;
+            Ok(SocketAddr::new(ip, port))
+        }
+    }
+}
 
 /// The label the DaemonSet gives the agent's pods: they must stay while the node drains, to
 /// finish the drain and uncordon after a reboot.
@@ -122,13 +151,7 @@ impl Config {
             reboot_check_interval: duration(&get, "REBOOT_CHECK_INTERVAL")?
                 .unwrap_or(DEFAULT_REBOOT_CHECK_INTERVAL),
             max_drain: duration(&get, "MAX_DRAIN")?.unwrap_or(DEFAULT_MAX_DRAIN),
-            metrics_addr: metrics_addr
-                .parse()
-                .map_err(|e: std::net::AddrParseError| ConfigError::Invalid {
-                    name: "METRICS_ADDR",
-                    value: metrics_addr.clone(),
-                    why: e.to_string(),
-                })?,
+            metrics_addr: self::metrics_addr(&metrics_addr)?,
             policy,
             drain,
         })
@@ -200,6 +223,30 @@ mod tests {
             vec![("app.kubernetes.io/name".into(), "nth-agent".into())]
         );
         assert_eq!(c.metrics_addr.port(), 9092);
+        assert!(
+            c.metrics_addr.ip().is_loopback(),
+            "not every address of the node: {}",
+            c.metrics_addr
+        );
+    }
+
+    #[test]
+    fn the_metrics_address_is_a_setting_ipv4_or_ipv6() {
+        for (value, want) in [
+            ("10.0.1.23:9092", "10.0.1.23:9092"),
+            ("[fd00::1]:9092", "[fd00::1]:9092"),
+            ("fd00::1:9092", "[fd00::1]:9092"),
+            ("0.0.0.0:9100", "0.0.0.0:9100"),
+        ] {
+            let c = config(&[], &[("NODE_NAME", "n1"), ("METRICS_ADDR", value)]).expect(value);
+            assert_eq!(c.metrics_addr.to_string(), want, "{value}");
+        }
+        for value in ["localhost:9092", "10.0.1.23", ":9092", "10.0.1.23:http"] {
+            let err = config(&[], &[("NODE_NAME", "n1"), ("METRICS_ADDR", value)])
+                .expect_err(value)
+                .to_string();
+            assert!(err.contains("METRICS_ADDR"), "{value}: {err}");
+        }
     }
 
     #[test]

@@ -74,7 +74,7 @@ pub struct Config {
 }
 
 /// Where the webhook URL comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum WebhookUrl {
     /// WEBHOOK_URL, given directly.
     Plain(String),
@@ -82,17 +82,93 @@ pub enum WebhookUrl {
     Secret(String),
 }
 
-#[derive(Debug, Clone)]
+/// Never the URL itself: for Slack, Teams and Chime the URL is the credential. The secret's
+/// ARN names it without giving it away.
+impl std::fmt::Debug for WebhookUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Plain(url) => f
+                .debug_tuple("Plain")
+                .field(&nth_core::notify::RedactedUrl(url))
+                .finish(),
+            Self::Secret(arn) => f.debug_tuple("Secret").field(arn).finish(),
+        }
+    }
+}
+
+#[derive(Clone)]
 pub struct WebhookConfig {
     pub url: WebhookUrl,
     pub headers: Vec<(String, String)>,
     pub format: Format,
     pub template: String,
+    /// WEBHOOK_ALLOW_HTTP: accept an `http://` URL (a receiver inside the VPC, a test rig).
+    /// Off, only `https://` is accepted, from the environment or from the secret.
+    pub allow_http: bool,
+}
+
+/// Header names only: their values may be credentials (an `Authorization` header).
+impl std::fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookConfig")
+            .field("url", &self.url)
+            .field("headers", &nth_core::notify::RedactedHeaders(&self.headers))
+            .field("format", &self.format)
+            .field("template", &self.template)
+            .field("allow_http", &self.allow_http)
+            .finish()
+    }
+}
+
+/// WEBHOOK_ALLOW_HTTP, read where the URL is checked: here for WEBHOOK_URL, and by
+/// [`crate::secret`] for a URL from Secrets Manager.
+pub fn webhook_allow_http(get: &impl Fn(&str) -> Option<String>) -> Result<bool, ConfigError> {
+    match get("WEBHOOK_ALLOW_HTTP") {
+        None => Ok(false),
+        Some(value) => match value.trim().to_ascii_lowercase().as_str() {
+            "true" => Ok(true),
+            "false" | "" => Ok(false),
+            _ => Err(ConfigError::Invalid {
+                name: "WEBHOOK_ALLOW_HTTP",
+                value,
+                why: "expected true or false".into(),
+            }),
+        },
+    }
+}
+
+/// Why `url` may not be a webhook URL, if it may not: only `https://` (or `http://` when
+/// allowed), with a host. The message never repeats the URL.
+pub fn webhook_url_problem(url: &str, allow_http: bool) -> Option<String> {
+    let Ok(uri) = url.trim().parse::<http::Uri>() else {
+        return Some("not a URL".into());
+    };
+    if uri.host().is_none_or(str::is_empty) {
+        return Some("the URL has no host".into());
+    }
+    match uri.scheme_str() {
+        Some("https") => None,
+        Some("http") if allow_http => None,
+        Some("http") => Some(
+            "http:// sends the notice (and a URL that is a credential) in clear text: use https://, or set WEBHOOK_ALLOW_HTTP=true for a receiver inside your network".into(),
+        ),
+        _ => Some("the URL must start with https://".into()),
+    }
 }
 
 fn webhook(get: &impl Fn(&str) -> Option<String>) -> Result<Option<WebhookConfig>, ConfigError> {
+    let allow_http = webhook_allow_http(get)?;
     let url = match (get("WEBHOOK_URL"), get("WEBHOOK_URL_SECRET_ARN")) {
-        (Some(url), _) => WebhookUrl::Plain(url),
+        (Some(url), _) => {
+            if let Some(why) = webhook_url_problem(&url, allow_http) {
+                return Err(ConfigError::Invalid {
+                    name: "WEBHOOK_URL",
+                    value: "(hidden: the URL is a credential)".into(),
+                    why,
+                });
+            }
+            WebhookUrl::Plain(url)
+        }
         (None, Some(arn)) => WebhookUrl::Secret(arn),
         (None, None) => return Ok(None),
     };
@@ -121,6 +197,7 @@ fn webhook(get: &impl Fn(&str) -> Option<String>) -> Result<Option<WebhookConfig
         headers,
         format,
         template: get("WEBHOOK_TEMPLATE").unwrap_or_else(|| DEFAULT_TEMPLATE.to_owned()),
+        allow_http,
     }))
 }
 
@@ -376,6 +453,72 @@ mod tests {
         assert!(
             err.contains("WEBHOOK_HEADERS") && !err.contains("s3cr3t"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn webhook_urls_are_https_unless_http_is_allowed() {
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let mut vars = CLUSTER.to_vec();
+            vars.extend_from_slice(extra);
+            config(&vars)
+        };
+        let err = with(&[("WEBHOOK_URL", "http://hooks.example/T0/B0/XXXXSECRET")])
+            .expect_err("http refused")
+            .to_string();
+        assert!(
+            err.contains("WEBHOOK_URL") && err.contains("https") && !err.contains("XXXXSECRET"),
+            "{err}"
+        );
+        for bad in ["ftp://hooks.example/x", "hooks.example/x", "https://"] {
+            let err = with(&[("WEBHOOK_URL", bad)]).expect_err(bad).to_string();
+            assert!(err.contains("WEBHOOK_URL"), "{bad}: {err}");
+        }
+        let ok = with(&[("WEBHOOK_URL", "https://hooks.example/x")]).expect("https");
+        assert!(!ok.webhook.expect("configured").allow_http);
+        let allowed = with(&[
+            ("WEBHOOK_URL", "http://10.0.0.5:8080/hook"),
+            ("WEBHOOK_ALLOW_HTTP", "true"),
+        ])
+        .expect("http allowed");
+        assert!(allowed.webhook.expect("configured").allow_http);
+        assert!(with(&[
+            ("WEBHOOK_URL", "https://hooks.example/x"),
+            ("WEBHOOK_ALLOW_HTTP", "yes please"),
+        ])
+        .is_err());
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_webhook_url_or_header_values() {
+        let mut vars = CLUSTER.to_vec();
+        vars.push((
+            "WEBHOOK_URL",
+            "https://hooks.slack.com/services/T0/B0/XXXXSECRETPATH?token=XXXXSECRETQUERY",
+        ));
+        vars.push((
+            "WEBHOOK_HEADERS",
+            r#"{"Authorization": "Bearer XXXXSECRETTOKEN"}"#,
+        ));
+        let c = config(&vars).expect("valid");
+        for shown in [
+            format!("{c:?}"),
+            format!("{c:#?}"),
+            format!("{:?}", c.webhook),
+            format!("{:?}", c.webhook.as_ref().map(|w| &w.url)),
+        ] {
+            assert!(!shown.contains("XXXXSECRET"), "{shown}");
+            assert!(!shown.contains("/services/"), "{shown}");
+        }
+        let shown = format!("{c:?}");
+        assert!(
+            shown.contains("hooks.slack.com") && shown.contains("Authorization"),
+            "the host and the header's name still help: {shown}"
+        );
+        let secret = WebhookUrl::Secret("arn:aws:secretsmanager:us-east-1:1:secret:hook".into());
+        assert!(
+            format!("{secret:?}").contains("secret:hook"),
+            "an ARN is no secret"
         );
     }
 

@@ -117,13 +117,29 @@ pub async fn build_handler(config: Config) -> Result<Handler, SetupError> {
 }
 
 async fn webhook(aws: &aws_config::SdkConfig, hook: WebhookConfig) -> Result<Webhook, SetupError> {
-    let url = match hook.url {
-        WebhookUrl::Plain(url) => url,
-        WebhookUrl::Secret(arn) => secret::webhook_url(aws, &arn).await?,
+    let (url, headers) = match hook.url {
+        WebhookUrl::Plain(url) => (url, hook.headers),
+        WebhookUrl::Secret(arn) => {
+            // The secret's headers (credentials, often) override WEBHOOK_HEADERS' of the
+            // same name.
+            let secret = secret::webhook_secret(aws, &arn).await?;
+            let mut headers: Vec<_> = hook
+                .headers
+                .into_iter()
+                .filter(|(name, _)| {
+                    !secret
+                        .headers
+                        .iter()
+                        .any(|(theirs, _)| theirs.eq_ignore_ascii_case(name))
+                })
+                .collect();
+            headers.extend(secret.headers);
+            (secret.url, headers)
+        }
     };
     let settings = WebhookSettings {
         url,
-        headers: hook.headers,
+        headers,
         format: hook.format,
         template: hook.template,
         timeout: nth_core::notify::DEFAULT_TIMEOUT,

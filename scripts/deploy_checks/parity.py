@@ -5,7 +5,10 @@
 - the function's environment has the same variables in both, each fed by the same setting,
   and they are exactly the variables the code reads (lambda/src and the shared settings in
   core/src, read by rust_scan);
-- one EventBridge rule per kind in both, with the same pattern and the same switch;
+- one EventBridge rule per kind in both, with the same pattern and the same switch, each
+  pattern pinning `account` to the deployment's own account;
+- every constraint a parameter has (AllowedValues, AllowedPattern, MinValue, MaxValue) has a
+  validation on the variable (the same values, the same regex);
 - the same function, retry and queue settings;
 - the same alarms (metric, statistic, dimensions, threshold, description, actions) and the
   same dashboard, both behind the switch CreateDashboardAndAlarms.
@@ -33,6 +36,7 @@ NOT_OFFERED = {
 # Read by the code but set by Lambda or the AWS SDK, not by the templates.
 NOT_CONFIGURED = re.compile(r"^(AWS_|_X_AMZN_|LAMBDA_)")
 GROUP_FILTER = "<detail.AutoScalingGroupName from AutoScalingGroupNames, when set>"
+ACCOUNT = "<this account>"
 
 
 def tf_var(expr: Any) -> str | None:
@@ -62,6 +66,9 @@ def same_default(cfn: dict[str, Any], tf: dict[str, Any]) -> bool:
     if not has_tf_default:
         return False
     if cfn["Type"] == "CommaDelimitedList":
+        # ManagedTag: a list of one in the template (Fn::ForEach's collection), a string here.
+        if tf.get("type") == "${string}" or isinstance(tfd, str):
+            return [sam] == sam.split(",") and sam == tfd
         return (sam == "" and tfd == []) or sam.split(",") == tfd
     if sam == "":
         return tfd in (None, "")
@@ -86,6 +93,8 @@ def template_rules(template: dict[str, Any]) -> dict[str, tuple[str | None, Any]
         pattern = dict(resource["Properties"]["EventPattern"])
         if isinstance(pattern.get("detail"), dict) and "Fn::If" in pattern["detail"]:
             pattern["detail"] = GROUP_FILTER
+        if pattern.get("account") == [{"Ref": "AWS::AccountId"}]:
+            pattern["account"] = [ACCOUNT]
         for detail_type in pattern["detail-type"]:
             rules[detail_type] = (switch, pattern)
     return rules
@@ -98,7 +107,7 @@ def terraform_rules(module: dict[str, Any]) -> dict[str, tuple[str | None, Any]]
         m = re.fullmatch(r"\$\{jsonencode\((merge\()?(\{.*\})(, local\.group_filter\))?\)\}", text)
         if not m:
             raise SystemExit(f"terraform/: cannot read the pattern {text}")
-        pattern = hcl_object_to_python(m.group(2))
+        pattern = hcl_object_to_python(m.group(2).replace("[local.account_id]", f'["{ACCOUNT}"]'))
         if m.group(3):
             pattern["detail"] = GROUP_FILTER
         for detail_type in pattern["detail-type"]:
@@ -234,6 +243,28 @@ def main() -> None:
             failures.add(f"parameter {name} defaults to {p.get('Default')!r}, variable {var} to {variables[var].get('default')!r}")
     for var in sorted(set(variables) - {snake(n) for n in params} - TERRAFORM_ONLY):
         failures.add(f"variable {var} has no parameter in template.yaml")
+    # What the template refuses, the module refuses too.
+    for name, p in params.items():
+        var = variables.get(snake(name))
+        if var is None:
+            continue
+        values = p.get("AllowedValues")
+        if values in (["true", "false"], ["false", "true"]):
+            values = None  # a bool variable
+        if not (values or p.get("AllowedPattern") or "MinValue" in p or "MaxValue" in p):
+            continue
+        conditions = " ".join(str(v.get("condition", "")) for v in var.get("validation", []))
+        if not conditions:
+            failures.add(f"parameter {name} is constrained (AllowedValues/AllowedPattern/MinValue/MaxValue) but variable {snake(name)} has no validation")
+            continue
+        for value in values or []:
+            if not re.search(rf'(?<![\w.]){re.escape(str(value))}(?![\w.])', conditions):
+                failures.add(f"parameter {name} allows {value!r}, which variable {snake(name)}'s validation does not name")
+        for regex in re.findall(r'regex\("((?:[^"\\]|\\.)*)"', conditions):
+            regex = regex.replace("\\\\", "\\")
+            pattern = p.get("AllowedPattern", "")
+            if regex not in (pattern, pattern.removeprefix("^$|")):
+                failures.add(f"parameter {name}'s AllowedPattern {pattern!r} differs from variable {snake(name)}'s regex {regex!r}")
 
     # Environment.
     functions = [r for r in cfn_resources(template).values() if r["Type"] == "AWS::Serverless::Function"]
@@ -262,6 +293,10 @@ def main() -> None:
         (t_switch, t_pattern), (f_switch, f_pattern) = t_rules[detail_type], f_rules[detail_type]
         if t_pattern != f_pattern:
             failures.add(f"rule for {detail_type!r}: template pattern {t_pattern} != terraform pattern {f_pattern}")
+        # Events about another account's resources (a bus that receives them) are not ours.
+        for name, pattern in (("template.yaml", t_pattern), ("terraform/", f_pattern)):
+            if pattern.get("account") != [ACCOUNT]:
+                failures.add(f"rule for {detail_type!r} in {name} does not pin account to this account: {pattern.get('account')}")
         if t_switch is None or f_switch != snake(t_switch):
             failures.add(f"rule for {detail_type!r}: switched by parameter {t_switch} but variable {f_switch}")
 

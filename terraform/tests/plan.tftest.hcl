@@ -15,6 +15,12 @@ mock_provider "aws" {
     target = data.aws_region.current
     values = { name = "us-east-1" }
   }
+  # Known at plan, so that the role's policy document (which names it) is read at plan.
+  override_resource {
+    target          = aws_cloudwatch_log_group.function
+    override_during = plan
+    values          = { arn = "arn:aws:logs:us-east-1:123456789012:log-group:/aws/lambda/nth" }
+  }
 }
 
 variables {
@@ -44,7 +50,15 @@ run "defaults" {
     error_message = "permissions are for EventBridge only"
   }
   assert {
+    condition = alltrue([
+      for kind, rule in aws_cloudwatch_event_rule.this :
+      jsondecode(rule.event_pattern).account == ["123456789012"]
+    ])
+    error_message = "every rule matches events of this account only"
+  }
+  assert {
     condition = jsondecode(aws_cloudwatch_event_rule.this["scheduled-change"].event_pattern) == {
+      account       = ["123456789012"]
       source        = ["aws.health"]
       "detail-type" = ["AWS Health Event"]
       detail        = { service = ["EC2"], eventTypeCategory = ["scheduledChange"] }
@@ -105,16 +119,27 @@ run "defaults" {
     error_message = "lifecycle actions on every group of this account and region"
   }
   assert {
-    condition     = length(data.aws_iam_policy_document.function.statement) == 3
-    error_message = "no secret statement without a secret, no eks:DescribeCluster with cluster_endpoint"
+    condition     = [for st in data.aws_iam_policy_document.function.statement : st.sid] == ["Describe", "LifecycleActions", "Logs", "DeadLetterQueue"]
+    error_message = "no VPC statement outside a VPC, no secret statement without a secret, no eks:DescribeCluster with cluster_endpoint"
+  }
+  assert {
+    condition = one([
+      for st in data.aws_iam_policy_document.function.statement : st if st.sid == "Logs"
+      ]).resources == toset(["arn:aws:logs:us-east-1:123456789012:log-group:/aws/lambda/nth:*"]) && one([
+      for st in data.aws_iam_policy_document.function.statement : st if st.sid == "Logs"
+    ]).actions == toset(["logs:CreateLogStream", "logs:PutLogEvents"])
+    error_message = "logs only to the function's own log group"
+  }
+  assert {
+    condition = [
+      for c in data.aws_iam_policy_document.function.statement[1].condition :
+      [c.test, c.variable, toset(c.values)]
+    ] == [["StringLike", "autoscaling:ResourceTag/node-termination-handler/managed", toset(["*"])]]
+    error_message = "lifecycle actions only in groups that carry the managed tag"
   }
   assert {
     condition     = length(aws_eks_access_entry.function) == 1 && length(aws_eks_access_entry.clusters) == 0
     error_message = "one access entry, in cluster_name"
-  }
-  assert {
-    condition     = length(aws_iam_role_policy_attachment.vpc) == 0
-    error_message = "no VPC policy outside a VPC"
   }
   assert {
     condition     = aws_eks_access_entry.function[0].kubernetes_groups == toset(["nth-node-termination-handler"]) && aws_eks_access_entry.function[0].type == "STANDARD"
@@ -184,8 +209,8 @@ run "restricted_private_and_notifying" {
   }
   assert {
     condition = (
-      data.aws_iam_policy_document.function.statement[3].actions == toset(["secretsmanager:GetSecretValue"]) &&
-      data.aws_iam_policy_document.function.statement[3].resources == toset(["arn:aws:secretsmanager:us-east-1:123456789012:secret:nth-webhook-AbCdEf"])
+      one([for st in data.aws_iam_policy_document.function.statement : st if st.sid == "WebhookUrlSecret"]).actions == toset(["secretsmanager:GetSecretValue"]) &&
+      one([for st in data.aws_iam_policy_document.function.statement : st if st.sid == "WebhookUrlSecret"]).resources == toset(["arn:aws:secretsmanager:us-east-1:123456789012:secret:nth-webhook-AbCdEf"])
     )
     error_message = "the role reads exactly the webhook secret"
   }
@@ -199,8 +224,8 @@ run "restricted_private_and_notifying" {
     error_message = "optional settings reach the environment when set"
   }
   assert {
-    condition     = length(aws_iam_role_policy_attachment.vpc) == 1
-    error_message = "the VPC policy is attached in a VPC"
+    condition     = one([for st in data.aws_iam_policy_document.function.statement : st if st.sid == "Vpc"]).resources == toset(["*"]) && length(one([for st in data.aws_iam_policy_document.function.statement : st if st.sid == "Vpc"]).actions) == 6
+    error_message = "the network interface statement is there in a VPC"
   }
   assert {
     condition = (
@@ -294,6 +319,91 @@ run "subnets_need_security_groups" {
   }
 
   expect_failures = [aws_lambda_function.this]
+}
+
+run "lifecycle_condition_follows_the_managed_tag" {
+  command = plan
+
+  variables {
+    managed_tag = "team-a/nth"
+  }
+
+  assert {
+    condition = [
+      for c in data.aws_iam_policy_document.function.statement[1].condition :
+      [c.test, c.variable, toset(c.values)]
+    ] == [["StringLike", "autoscaling:ResourceTag/team-a/nth", toset(["*"])]]
+    error_message = "the condition names managed_tag"
+  }
+}
+
+# Without the managed-tag check nth serves every instance of the cluster: a condition on the
+# group's tag would deny lifecycle actions it must complete.
+run "no_lifecycle_condition_without_the_managed_tag_check" {
+  command = plan
+
+  variables {
+    check_managed_tag = false
+  }
+
+  assert {
+    condition     = length(data.aws_iam_policy_document.function.statement[1].condition) == 0
+    error_message = "no tag condition when check_managed_tag is false"
+  }
+}
+
+run "no_lifecycle_condition_when_turned_off" {
+  command = plan
+
+  variables {
+    lifecycle_managed_groups_only = false
+  }
+
+  assert {
+    condition     = length(data.aws_iam_policy_document.function.statement[1].condition) == 0
+    error_message = "lifecycle_managed_groups_only = false lifts the condition"
+  }
+}
+
+run "managed_tag_is_one_key" {
+  command = plan
+
+  variables {
+    managed_tag = "a,b"
+  }
+
+  expect_failures = [var.managed_tag]
+}
+
+# The template's AllowedPattern and AllowedValues, here as validations.
+run "webhook_secret_is_one_secret" {
+  command = plan
+
+  variables {
+    webhook_url_secret_arn = "arn:aws:secretsmanager:us-east-1:123456789012:secret:*"
+  }
+
+  expect_failures = [var.webhook_url_secret_arn]
+}
+
+run "webhook_secret_is_an_arn" {
+  command = plan
+
+  variables {
+    webhook_url_secret_arn = "nth-webhook"
+  }
+
+  expect_failures = [var.webhook_url_secret_arn]
+}
+
+run "log_retention_is_a_cloudwatch_value" {
+  command = plan
+
+  variables {
+    log_retention_in_days = 0
+  }
+
+  expect_failures = [var.log_retention_in_days]
 }
 
 run "taint_effect_is_checked" {

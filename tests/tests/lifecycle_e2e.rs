@@ -260,7 +260,12 @@ on_both_backends! {
         // A drain limit too near for another round: this invocation must answer the hook.
         let sandbox = Sandbox::start_on(
             backend,
-            &[("WEBHOOK_URL", receiver.url.as_str()), ("MAX_DRAIN_SECONDS", "20")],
+            &[
+                ("WEBHOOK_URL", receiver.url.as_str()),
+                // The rig's receiver speaks plain http.
+                ("WEBHOOK_ALLOW_HTTP", "true"),
+                ("MAX_DRAIN_SECONDS", "20"),
+            ],
             sandbox_behaviour(),
         )
         .await?;

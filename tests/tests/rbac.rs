@@ -23,16 +23,24 @@ const RBAC_PATIENCE: Duration = Duration::from_secs(30);
 
 /// The (resource, verb) a request needs, as the API server's authorizer sees it.
 fn permission(method: &str, uri: &str) -> (String, String) {
+    let (_, resource, verb) = scoped_permission(method, uri);
+    (resource, verb)
+}
+
+/// The (namespace, resource, verb) a request needs; the namespace is empty for a
+/// cluster-scoped request (or one across all namespaces).
+fn scoped_permission(method: &str, uri: &str) -> (String, String, String) {
     let (path, query) = uri.split_once('?').unwrap_or((uri, ""));
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     // /api/v1/<resource>[/<name>] or /api/v1/namespaces/<ns>/<resource>[/<name>[/<sub>]];
     // /apis/<group>/<version>/... alike.
     let base = if parts.first() == Some(&"apis") { 3 } else { 2 };
-    let rest: Vec<&str> = if parts.get(base) == Some(&"namespaces") {
-        parts.get(base + 2..).unwrap_or_default().to_vec()
-    } else {
-        parts.get(base..).unwrap_or_default().to_vec()
-    };
+    let (namespace, rest): (&str, Vec<&str>) =
+        if parts.get(base) == Some(&"namespaces") && parts.len() > base + 2 {
+            (parts[base + 1], parts[base + 2..].to_vec())
+        } else {
+            ("", parts.get(base..).unwrap_or_default().to_vec())
+        };
     let resource = match rest.as_slice() {
         [resource, _, sub] => format!("{resource}/{sub}"),
         [resource, ..] => (*resource).to_owned(),
@@ -48,7 +56,7 @@ fn permission(method: &str, uri: &str) -> (String, String) {
         ("POST", _) => "create",
         _ => "unknown",
     };
-    (resource, verb.to_owned())
+    (namespace.to_owned(), resource, verb.to_owned())
 }
 
 #[test]
@@ -75,6 +83,14 @@ fn permissions_are_read_like_the_authorizer_does() {
             "/apis/policy/v1/poddisruptionbudgets?watch=true&resourceVersion=5"
         ),
         ("poddisruptionbudgets".into(), "watch".into())
+    );
+    assert_eq!(
+        scoped_permission("POST", "/api/v1/namespaces/default/events"),
+        ("default".into(), "events".into(), "create".into())
+    );
+    assert_eq!(
+        scoped_permission("PATCH", "/api/v1/nodes/n1"),
+        (String::new(), "nodes".into(), "patch".into())
     );
 }
 
@@ -129,25 +145,36 @@ on_both_backends! {
         let Some(emu) = sandbox.kube.emulator() else {
             return Ok(());
         };
-        let used: BTreeSet<(String, String)> = emu
+        let used: BTreeSet<(String, String, String)> = emu
             .requests()
             .iter()
-            .map(|r| permission(&r.method, &r.uri))
+            .map(|r| scoped_permission(&r.method, &r.uri))
             .collect();
         let needs: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(
             nth_tests::workspace_root().join("deploy/rbac-needs.json"),
         )?)?;
-        let granted: BTreeSet<(String, String)> = needs
+        // A need with a namespace is granted by a Role there only; without, cluster-wide.
+        let granted: BTreeSet<(String, String, String)> = needs
             .iter()
             .map(|n| {
                 (
+                    n["namespace"].as_str().unwrap_or_default().to_owned(),
                     n["resource"].as_str().unwrap_or_default().to_owned(),
                     n["verb"].as_str().unwrap_or_default().to_owned(),
                 )
             })
             .collect();
-        let missing: Vec<_> = used.difference(&granted).collect();
-        let unused: Vec<_> = granted.difference(&used).collect();
+        let covers = |g: &(String, String, String), u: &(String, String, String)| {
+            (g.0.is_empty() || g.0 == u.0) && g.1 == u.1 && g.2 == u.2
+        };
+        let missing: Vec<_> = used
+            .iter()
+            .filter(|u| !granted.iter().any(|g| covers(g, u)))
+            .collect();
+        let unused: Vec<_> = granted
+            .iter()
+            .filter(|g| !used.iter().any(|u| covers(g, u)))
+            .collect();
         assert!(
             missing.is_empty(),
             "requests the ClusterRole does not allow: {missing:?}"
@@ -157,9 +184,20 @@ on_both_backends! {
     }
 }
 
+/// Whether the function's EKS identity may `verb` `resource` in the app's namespace, as the
+/// real authorizer answers now.
+fn function_can(plane: &ControlPlane, verb: &str, resource: &str) -> anyhow::Result<bool> {
+    function_can_in(plane, APP_NAMESPACE, verb, resource)
+}
+
 /// Whether the function's EKS identity may `verb` `resource` in `namespace`, as the real
 /// authorizer answers now.
-fn function_can(plane: &ControlPlane, verb: &str, resource: &str) -> anyhow::Result<bool> {
+fn function_can_in(
+    plane: &ControlPlane,
+    namespace: &str,
+    verb: &str,
+    resource: &str,
+) -> anyhow::Result<bool> {
     // `pods/eviction` would be read as the pod named `eviction`.
     let (resource, subresource) = resource.split_once('/').unwrap_or((resource, ""));
     let output = plane.kubectl(&[
@@ -169,7 +207,7 @@ fn function_can(plane: &ControlPlane, verb: &str, resource: &str) -> anyhow::Res
         resource,
         &format!("--subresource={subresource}"),
         "--namespace",
-        APP_NAMESPACE,
+        namespace,
         "--as",
         EKS_USERNAME,
         "--as-group",
@@ -312,5 +350,42 @@ async fn without_the_eviction_rule_the_drain_fails_naming_the_403() -> anyhow::R
     assert_eq!(node["spec"]["unschedulable"], true);
     fixtures::foreign_marks_kept(&node).map_err(anyhow::Error::msg)?;
     assert_eq!(sandbox.kube.pods_on(sandbox.node_name()).await?.len(), 10);
+    Ok(())
+}
+
+// Real backend only: the shipped manifest, judged by the real RBAC authorizer. Events are
+// posted in `default` only, so that is the one namespace the function may create them in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_may_be_created_in_default_only() -> anyhow::Result<()> {
+    if !Backend::real_available()? {
+        eprintln!("skipped: KUBEBUILDER_ASSETS is not set, so there is no real control plane");
+        return Ok(());
+    }
+    let sandbox = Sandbox::start_on(Backend::Real, &[], sandbox_behaviour()).await?;
+    let plane = sandbox.kube.real().expect("the real backend").plane();
+    let (in_default, in_app) = tokio::task::block_in_place(|| {
+        anyhow::Ok((
+            function_can_in(plane, "default", "create", "events")?,
+            function_can_in(plane, APP_NAMESPACE, "create", "events")?,
+        ))
+    })?;
+    assert!(in_default, "the function may post Events in default");
+    assert!(
+        !in_app,
+        "the function may not post Events in {APP_NAMESPACE} (no cluster-wide events rule)"
+    );
+    // And the function's own Events still arrive: a drain posts them in default.
+    let spot = sandbox.invoke(sandbox.spot_event("rbac-events")).await?;
+    assert_eq!(spot.summary(), "drained", "{spot:?}");
+    assert!(
+        !format!("{spot:?}").to_lowercase().contains("forbidden")
+            && !sandbox
+                .lambda
+                .output()
+                .join("\n")
+                .to_lowercase()
+                .contains("forbidden"),
+        "no request was refused"
+    );
     Ok(())
 }

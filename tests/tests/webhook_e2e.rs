@@ -16,6 +16,8 @@ on_both_backends! {
         let receiver = Receiver::start(Mode::Accept).await?;
         let sandbox = Sandbox::start_on(backend, &[
             ("WEBHOOK_URL", receiver.url.as_str()),
+            // The rig's receiver speaks plain http.
+            ("WEBHOOK_ALLOW_HTTP", "true"),
             ("WEBHOOK_FORMAT", "slack"),
             (
                 "WEBHOOK_TEMPLATE",
@@ -64,12 +66,23 @@ on_both_backends! {
             .moto
             .create_secret(
                 "nth/webhook",
-                &serde_json::json!({"url": receiver.url}).to_string(),
+                &serde_json::json!({
+                    "url": receiver.url,
+                    "headers": {"Authorization": "Bearer from-the-secret"},
+                })
+                .to_string(),
             )
             .await?;
         let mut env = sandbox.cli_env();
         env.insert("WEBHOOK_URL_SECRET_ARN".into(), arn);
         env.insert("WEBHOOK_FORMAT".into(), "json".into());
+        // The secret's header of the same name wins over the plain setting's.
+        env.insert(
+            "WEBHOOK_HEADERS".into(),
+            r#"{"authorization": "Bearer stale", "X-Team": "platform"}"#.into(),
+        );
+        // The rig's receiver speaks plain http.
+        env.insert("WEBHOOK_ALLOW_HTTP".into(), "true".into());
         let dir = tempfile::tempdir()?;
         let event_path = dir.path().join("event.json");
         std::fs::write(&event_path, sandbox.spot_event("hook-secret").to_string())?;
@@ -89,6 +102,11 @@ on_both_backends! {
         assert_eq!(bodies.len(), 2, "{bodies:?}");
         assert_eq!(bodies[1]["outcome"], "drained");
         assert_eq!(bodies[1]["instance_id"], sandbox.instance.id.as_str());
+        for received in receiver.received() {
+            let auth: Vec<_> = received.headers.get_all("authorization").iter().collect();
+            assert_eq!(auth, ["Bearer from-the-secret"], "{:?}", received.headers);
+            assert_eq!(received.headers["x-team"], "platform");
+        }
         assert!(!String::from_utf8_lossy(&output.stderr).contains("XXXXSECRETPATH"));
         let node = sandbox.kube.node(sandbox.node_name()).await?.expect("node");
         assert_eq!(node["spec"]["unschedulable"], true);
@@ -102,7 +120,7 @@ on_both_backends! {
             let receiver = Receiver::start(mode).await?;
             // Each sandbox ends with its iteration, so the real backend's lease is free again.
             let sandbox =
-                Sandbox::start_on(backend, &[("WEBHOOK_URL", receiver.url.as_str())], sandbox_behaviour())
+                Sandbox::start_on(backend, &[("WEBHOOK_URL", receiver.url.as_str()), ("WEBHOOK_ALLOW_HTTP", "true")], sandbox_behaviour())
                     .await?;
 
             let outcome = sandbox.invoke(sandbox.spot_event("hook-bad")).await?;

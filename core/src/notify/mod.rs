@@ -4,4 +4,7 @@ mod events;
 mod webhook;
 
 pub use events::{EventType, NodeEvents, COMPONENT};
-pub use webhook::{Format, Notice, Webhook, WebhookSettings, DEFAULT_TEMPLATE, DEFAULT_TIMEOUT};
+pub use webhook::{
+    Format, Notice, RedactedHeaders, RedactedUrl, Webhook, WebhookSettings, DEFAULT_TEMPLATE,
+    DEFAULT_TIMEOUT,
+};

@@ -54,7 +54,7 @@ impl std::str::FromStr for Format {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct WebhookSettings {
     pub url: String,
     /// Extra request headers (e.g. an authorization header for a generic receiver).
@@ -63,6 +63,49 @@ pub struct WebhookSettings {
     /// With `{placeholder}`s named after [`Notice`]'s fields.
     pub template: String,
     pub timeout: Duration,
+}
+
+/// Never the URL's path or query (for Slack, Teams and Chime the URL is the credential) nor
+/// a header's value (an `Authorization` header): the scheme, host and header names only.
+impl std::fmt::Debug for WebhookSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookSettings")
+            .field("url", &RedactedUrl(&self.url))
+            .field("headers", &RedactedHeaders(&self.headers))
+            .field("format", &self.format)
+            .field("template", &self.template)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// A webhook URL for `{:?}`: `https://hooks.slack.com/<redacted>`, the scheme and host kept
+/// (they help to tell receivers apart and are no secret), the rest never shown.
+pub struct RedactedUrl<'a>(pub &'a str);
+
+impl std::fmt::Debug for RedactedUrl<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.trim().parse::<http::Uri>() {
+            Ok(uri) if uri.host().is_some() => write!(
+                f,
+                "\"{}://{}/<redacted>\"",
+                uri.scheme_str().unwrap_or("?"),
+                uri.host().unwrap_or_default()
+            ),
+            _ => f.write_str("\"<redacted>\""),
+        }
+    }
+}
+
+/// Request headers for `{:?}`: their names, each value `<redacted>`.
+pub struct RedactedHeaders<'a>(pub &'a [(String, String)]);
+
+impl std::fmt::Debug for RedactedHeaders<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map()
+            .entries(self.0.iter().map(|(name, _)| (name, "<redacted>")))
+            .finish()
+    }
 }
 
 /// What a message is about.
@@ -141,8 +184,9 @@ impl std::fmt::Debug for Webhook {
 }
 
 impl Webhook {
-    /// A client trusting the system's CA bundle (`http://` is accepted too, for receivers
-    /// inside a VPC).
+    /// A client trusting the system's CA bundle. `http://` is accepted too: the Lambda's
+    /// configuration refuses it unless WEBHOOK_ALLOW_HTTP says otherwise (a receiver inside
+    /// a VPC, a test rig).
     pub fn new(settings: WebhookSettings) -> std::io::Result<Self> {
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_native_roots()?
@@ -233,6 +277,28 @@ mod tests {
             text,
             "spot-interruption i-1 ip-10-0-0-1.ec2.internal prod e1 3 - - {nope}"
         );
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_url_path_or_header_values() {
+        let settings = WebhookSettings {
+            url: "https://hooks.slack.com/services/T0/B0/XXXXSECRETPATH?code=XXXXSECRETQUERY"
+                .into(),
+            headers: vec![("Authorization".into(), "Bearer XXXXSECRETTOKEN".into())],
+            format: Format::Slack,
+            template: "t".into(),
+            timeout: DEFAULT_TIMEOUT,
+        };
+        let shown = format!("{settings:?} {settings:#?}");
+        assert!(!shown.contains("XXXXSECRET"), "{shown}");
+        assert!(
+            shown.contains("https://hooks.slack.com/<redacted>") && shown.contains("Authorization"),
+            "{shown}"
+        );
+        let webhook = Webhook::new(settings).expect("client");
+        let shown = format!("{webhook:?}");
+        assert!(!shown.contains("XXXXSECRET"), "{shown}");
+        assert_eq!(format!("{:?}", RedactedUrl("not a url")), "\"<redacted>\"");
     }
 
     #[test]
