@@ -61,10 +61,24 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    pub fn new(name: String, client: kube::Client, policy: &Policy, drain: &DrainSettings) -> Self {
+    /// One cluster's clients. `among_several`: the deployment serves several clusters, so a
+    /// node is only taken for an instance when its providerID names it (see
+    /// [`NodeMarker::requiring_provider_id`]).
+    pub fn new(
+        name: String,
+        client: kube::Client,
+        policy: &Policy,
+        drain: &DrainSettings,
+        among_several: bool,
+    ) -> Self {
+        let marker = NodeMarker::new(client.clone(), policy.clone());
         Self {
             name,
-            marker: NodeMarker::new(client.clone(), policy.clone()),
+            marker: if among_several {
+                marker.requiring_provider_id()
+            } else {
+                marker
+            },
             events: NodeEvents::new(client.clone(), policy.dry_run),
             drainer: Drainer::new(client, drain.clone()),
         }
@@ -224,6 +238,7 @@ impl Clusters {
             client,
             &d.policy,
             &d.drain,
+            !matches!(self.served, Served::One(_)),
         )))
     }
 }

@@ -77,6 +77,7 @@ pub async fn build_handler(config: Config) -> Result<Handler, SetupError> {
                 client,
                 &config.policy,
                 &config.drain,
+                false,
             ))
         }
         _ => None,

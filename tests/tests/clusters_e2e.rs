@@ -6,6 +6,7 @@
 //! plane); on the emulator backend both are emulators.
 
 use nth_tests::cluster::{Backend, Cluster};
+use nth_tests::fixtures;
 use nth_tests::kube::{AuthConfig, KubeApi};
 use nth_tests::moto::Instance;
 use nth_tests::on_both_backends;
@@ -256,6 +257,27 @@ on_both_backends! {
             .invoke(sandbox.spot_event("clusters-eks-down"))
             .await?;
         assert_eq!(retried.summary(), "drained", "{retried:?}");
+        Ok(())
+    }
+}
+
+on_both_backends! {
+    async fn with_several_clusters_a_node_without_a_provider_id_is_never_taken_by_its_name(backend: Backend) -> anyhow::Result<()> {
+        let sandbox = serving(backend, &format!("{CLUSTER}, blue")).await?;
+        let blue = second_cluster(&sandbox, "blue").await?;
+        let instance = managed_instance(&sandbox, ("kubernetes.io/cluster/blue", "owned")).await?;
+        // Named like the instance, but nothing says it is that instance: in another cluster
+        // (which tags anyone with ec2:CreateTags can point at) it may be someone else's.
+        let mut node = fixtures::node(&instance.private_dns_name, &instance.id, "us-east-1b");
+        if let Some(spec) = node["spec"].as_object_mut() {
+            spec.remove("providerID");
+        }
+        blue.world(|w| w.add_node(node));
+
+        let outcome = sandbox.invoke(spot(&instance, "clusters-no-pid")).await?;
+
+        assert_eq!(outcome.summary(), "no node for this instance in the cluster", "{outcome:?}");
+        assert!(!unschedulable(&blue, &instance.private_dns_name));
         Ok(())
     }
 }

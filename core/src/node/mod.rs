@@ -96,6 +96,8 @@ pub fn provider_id_matches(provider_id: &str, instance_id: &str) -> bool {
 pub struct NodeMarker {
     nodes: Api<Node>,
     policy: Policy,
+    /// A node without `spec.providerID` is not taken for the instance by its name alone.
+    require_provider_id: bool,
 }
 
 impl NodeMarker {
@@ -103,7 +105,16 @@ impl NodeMarker {
         Self {
             nodes: Api::all(client),
             policy,
+            require_provider_id: false,
         }
+    }
+
+    /// Accepts a node only when its `spec.providerID` names the instance. With several
+    /// clusters served, the cluster comes from instance tags anyone allowed `ec2:CreateTags`
+    /// can change, and in another cluster a node of the same name may be someone else's.
+    pub fn requiring_provider_id(mut self) -> Self {
+        self.require_provider_id = true;
+        self
     }
 
     /// Finds the node of an instance by `spec.providerID`. The likely name (EC2's
@@ -118,7 +129,11 @@ impl NodeMarker {
         if let Some(name) = likely_name.filter(|n| !n.is_empty()) {
             let node = self.get(name).await?;
             if let Some(node) = node {
-                if node_provider_id(&node).is_none_or(|p| provider_id_matches(p, instance_id)) {
+                let named = match node_provider_id(&node) {
+                    Some(provider_id) => provider_id_matches(provider_id, instance_id),
+                    None => !self.require_provider_id,
+                };
+                if named {
                     return Ok(Some(node));
                 }
             }
