@@ -10,8 +10,8 @@ use nth_core::drain::DrainDeadline;
 use nth_core::node::{node_is_ready, provider_id_matches};
 use nth_core::NodeError;
 use nth_core::{
-    Action, DrainReport, EventType, Interruption, MarkOutcome, Notice, Policy, RestoreOutcome,
-    Webhook,
+    Action, DrainReport, EventType, Interruption, InterruptionKind, MarkOutcome, Notice, Policy,
+    RestoreOutcome, Webhook,
 };
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -24,6 +24,7 @@ use crate::eventbridge::{self, EventError, Parsed};
 use crate::lifecycle::{Lifecycle, LifecycleError, CONTINUE};
 use crate::metrics::Metrics;
 use crate::resolve::{ResolveError, Resolver};
+use crate::verify;
 
 /// Pods are made to stop this long before the instance is expected to go: time for the
 /// container runtime to kill stragglers and for the kubelet to report them gone before EC2
@@ -37,6 +38,10 @@ const INTERRUPTIONS_AT_ONCE: usize = 16;
 /// Between two looks for a launching instance's node: a node takes a minute or more to
 /// join, so a few seconds of lag cost nothing, and one GET per poll is all it costs.
 const LAUNCH_POLL_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Before asking EC2 again about a state an event claims and EC2 does not show: its API is
+/// eventually consistent, and a state change is visible there within a second or two.
+const STATE_SETTLE: Duration = Duration::from_secs(2);
 
 /// Of the launch polls, one in this many also lists nodes to find one named otherwise than
 /// its PrivateDnsName: every 30 s, a lag nobody waiting a minute for a node notices.
@@ -533,7 +538,15 @@ impl Handler {
         if ignored && interruption.lifecycle.is_none() {
             return Ok(Prepared::from(Step::Done("ignored by policy".into())));
         }
-        let Some(instance) = self.resolver.describe(&interruption.instance_id).await? else {
+        // A state the event claims is checked against the state now, not a cached one.
+        let described = if claims_state(interruption) {
+            self.resolver
+                .describe_now(&interruption.instance_id)
+                .await?
+        } else {
+            self.resolver.describe(&interruption.instance_id).await?
+        };
+        let Some(instance) = described else {
             return Ok(Prepared::from(Step::Done("instance unknown to EC2".into())));
         };
         let cluster = match self.clusters.for_instance(&instance).await? {
@@ -552,6 +565,10 @@ impl Handler {
             return Ok(Prepared::from(Step::Done(
                 "ignored by policy; lifecycle action completed at once".into(),
             )));
+        }
+        if let Some(why) = self.contradiction(interruption, &instance).await? {
+            warn!(reason = %why, "event refused: it contradicts what EC2 says");
+            return Ok(Prepared::from(Step::Done(format!("refused: {why}"))));
         }
         let likely_name = instance.private_dns_name.as_deref();
         if *action == Action::WaitReady {
@@ -811,6 +828,30 @@ impl Handler {
         })
     }
 
+    /// Why the event cannot be true of the instance (see [`verify`]). EC2's API is eventually
+    /// consistent: a state it does not show yet is asked for again after [`STATE_SETTLE`].
+    async fn contradiction(
+        &self,
+        interruption: &Interruption,
+        instance: &crate::resolve::InstanceInfo,
+    ) -> Result<Option<String>, StepError> {
+        let why = verify::contradiction(interruption, instance);
+        if why.is_none() || !claims_state(interruption) {
+            return Ok(why);
+        }
+        tokio::time::sleep(STATE_SETTLE).await;
+        Ok(
+            match self
+                .resolver
+                .describe_now(&interruption.instance_id)
+                .await?
+            {
+                Some(fresh) => verify::contradiction(interruption, &fresh),
+                None => why,
+            },
+        )
+    }
+
     /// Sends a webhook notice in the background, so that a slow receiver never holds up
     /// the drain, once the notice `after` is sent: a receiver sees one interruption's
     /// notices in order. The handle goes to [`Run::keep`].
@@ -889,6 +930,14 @@ impl Handler {
             tokio::time::sleep(LAUNCH_POLL_INTERVAL).await;
         }
     }
+}
+
+/// Whether the event claims a state of the instance (a state-change notification).
+fn claims_state(interruption: &Interruption) -> bool {
+    matches!(
+        interruption.kind,
+        InterruptionKind::InstanceStopping | InterruptionKind::InstanceRunning
+    )
 }
 
 /// A webhook notice about an interruption's node.

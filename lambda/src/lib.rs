@@ -14,6 +14,7 @@ pub mod resolve;
 pub mod secret;
 pub mod signed;
 pub mod token;
+pub mod verify;
 
 use std::sync::Arc;
 

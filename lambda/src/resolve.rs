@@ -46,6 +46,11 @@ pub struct InstanceInfo {
     /// EKS names nodes after it unless told otherwise.
     pub private_dns_name: Option<String>,
     pub tags: HashMap<String, String>,
+    /// `spot`, `scheduled` or `capacity-block`; `None` for an On-Demand instance.
+    pub lifecycle: Option<String>,
+    /// `pending`, `running`, `stopping`, `stopped`, `shutting-down` or `terminated`, when it
+    /// was described (a cached description's state may be stale).
+    pub state: Option<String>,
 }
 
 impl InstanceInfo {
@@ -148,6 +153,16 @@ impl Resolver {
             debug!("instance known from an earlier event");
             return Ok(Some(info));
         }
+        self.describe_now(instance_id).await
+    }
+
+    /// As [`Resolver::describe`], asking EC2 whatever the cache holds: for the instance's
+    /// current state.
+    #[instrument(skip(self))]
+    pub async fn describe_now(
+        &self,
+        instance_id: &str,
+    ) -> Result<Option<InstanceInfo>, ResolveError> {
         let output = match self
             .ec2
             .describe_instances()
@@ -192,6 +207,11 @@ impl Resolver {
                     ))
                 })
                 .collect(),
+            lifecycle: i.instance_lifecycle().map(|l| l.as_str().to_owned()),
+            state: i
+                .state()
+                .and_then(|s| s.name())
+                .map(|n| n.as_str().to_owned()),
         });
         if let Some(info) = &info {
             remember(&self.instances, instance_id, info.clone());
@@ -209,6 +229,8 @@ mod tests {
             instance_id: "i-1".into(),
             availability_zone: None,
             private_dns_name: None,
+            lifecycle: None,
+            state: None,
             tags: tags
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))

@@ -115,7 +115,51 @@ impl Moto {
     }
 
     /// Launches one instance in `az` with `tags`, as an EKS node group would.
+    /// A Spot instance in `az` with `tags`, as the nodes of the tests are (a Spot warning is
+    /// only believed for a Spot instance).
     pub async fn run_instance(&self, az: &str, tags: &[(&str, &str)]) -> anyhow::Result<Instance> {
+        self.launch(az, tags, true).await
+    }
+
+    /// An On-Demand instance in `az` with `tags`.
+    pub async fn run_on_demand_instance(
+        &self,
+        az: &str,
+        tags: &[(&str, &str)],
+    ) -> anyhow::Result<Instance> {
+        self.launch(az, tags, false).await
+    }
+
+    /// Stops the instance (moto goes straight to `stopped`).
+    pub async fn stop_instance(&self, id: &str) -> anyhow::Result<()> {
+        self.ec2()
+            .await
+            .stop_instances()
+            .instance_ids(id)
+            .send()
+            .await
+            .context("moto StopInstances")?;
+        Ok(())
+    }
+
+    /// Starts the stopped instance again.
+    pub async fn start_instance(&self, id: &str) -> anyhow::Result<()> {
+        self.ec2()
+            .await
+            .start_instances()
+            .instance_ids(id)
+            .send()
+            .await
+            .context("moto StartInstances")?;
+        Ok(())
+    }
+
+    async fn launch(
+        &self,
+        az: &str,
+        tags: &[(&str, &str)],
+        spot: bool,
+    ) -> anyhow::Result<Instance> {
         let ec2 = self.ec2().await;
         let image = self.any_image().await?;
         let mut spec = TagSpecification::builder().resource_type(ResourceType::Instance);
@@ -130,6 +174,11 @@ impl Moto {
             .max_count(1)
             .placement(Placement::builder().availability_zone(az).build())
             .tag_specifications(spec.build())
+            .set_instance_market_options(spot.then(|| {
+                aws_sdk_ec2::types::InstanceMarketOptionsRequest::builder()
+                    .market_type(aws_sdk_ec2::types::MarketType::Spot)
+                    .build()
+            }))
             .send()
             .await
             .context("moto RunInstances")?;

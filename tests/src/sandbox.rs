@@ -205,6 +205,20 @@ impl Sandbox {
         Ok(instance)
     }
 
+    /// An On-Demand instance of the sandbox's cluster, managed, with a Ready node and `pods`
+    /// ReplicaSet pods.
+    pub async fn add_on_demand_instance_node(&self, pods: usize) -> anyhow::Result<Instance> {
+        let instance = self
+            .moto
+            .run_on_demand_instance(
+                "us-east-1b",
+                &[("eks:cluster-name", CLUSTER), (MANAGED_TAG, "true")],
+            )
+            .await?;
+        self.add_node(&instance, pods).await?;
+        Ok(instance)
+    }
+
     pub async fn invoke(&self, event: Value) -> anyhow::Result<Outcome> {
         self.runtime.invoke(event, FUNCTION_TIMEOUT).await
     }

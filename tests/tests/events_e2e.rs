@@ -582,6 +582,7 @@ on_both_backends! {
     async fn stopping_drains_and_running_again_restores_the_node(backend: Backend) -> anyhow::Result<()> {
         let sandbox = start(backend, &[]).await?;
         let name = sandbox.node_name().to_owned();
+        sandbox.moto.stop_instance(&sandbox.instance.id).await?;
 
         let r = response(
             sandbox
@@ -604,6 +605,7 @@ on_both_backends! {
             .kube
             .patch_node(&name, json!({"spec": {"taints": taints}}))
             .await?;
+        sandbox.moto.start_instance(&sandbox.instance.id).await?;
         let r = response(
             sandbox
                 .invoke(state_event(&sandbox, "st-2", "running"))
@@ -782,12 +784,14 @@ on_both_backends! {
             )
             .await?;
         sandbox.add_node(&instance, 2).await?;
+        // The group's instances are On-Demand: stopped, not Spot-reclaimed.
+        sandbox.moto.stop_instance(&instance.id).await?;
         let ev = event(
             "mg-1",
             "aws.ec2",
-            "EC2 Spot Instance Interruption Warning",
+            "EC2 Instance State-change Notification",
             &instance.id,
-            json!({"instance-id": instance.id, "instance-action": "terminate"}),
+            json!({"instance-id": instance.id, "state": "stopping"}),
         );
         let r = response(sandbox.invoke(ev).await?, &sandbox);
         assert_eq!(r["results"][0]["outcome"], "drained", "{r}");
@@ -952,6 +956,42 @@ on_both_backends! {
         assert!(our_taint_keys(&other, "node-termination-handler").is_empty());
         fixtures::foreign_marks_kept(&other).map_err(anyhow::Error::msg)?;
         assert_eq!(workload_pods(&sandbox, &look_alike).await?, 8, "its pods stay");
+        Ok(())
+    }
+}
+
+on_both_backends! {
+    async fn events_that_contradict_ec2_are_refused_before_any_write(backend: Backend) -> anyhow::Result<()> {
+        let sandbox = start(backend, &[]).await?;
+        let name = sandbox.node_name().to_owned();
+        let before = node(&sandbox, &name).await?;
+        // Anyone allowed to invoke the function could send these: a stop of a running
+        // instance, and a Spot warning for an On-Demand one.
+        let stop = response(
+            sandbox
+                .invoke(state_event(&sandbox, "forged-1", "stopping"))
+                .await?,
+            &sandbox,
+        );
+        let on_demand = sandbox
+            .add_on_demand_instance_node(2)
+            .await?;
+        let warning = event(
+            "forged-2",
+            "aws.ec2",
+            "EC2 Spot Instance Interruption Warning",
+            &on_demand.id,
+            json!({"instance-id": on_demand.id, "instance-action": "terminate"}),
+        );
+        let spot = response(sandbox.invoke(warning).await?, &sandbox);
+
+        for (r, says) in [(&stop, "EC2 says it is running"), (&spot, "not Spot")] {
+            let outcome = r["results"][0]["outcome"].as_str().unwrap_or_default();
+            assert!(outcome.starts_with("refused: ") && outcome.contains(says), "{r:#}");
+        }
+        assert_eq!(node(&sandbox, &name).await?, before, "nothing written");
+        let other = node(&sandbox, &on_demand.private_dns_name).await?;
+        assert_ne!(other["spec"]["unschedulable"], true);
         Ok(())
     }
 }
