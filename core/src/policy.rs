@@ -251,6 +251,25 @@ impl Policy {
     pub fn continuing_annotation(&self) -> String {
         format!("{}/drain-continues-for", self.prefix)
     }
+
+    /// The annotation holding the token of the continued drain's next round: a continuation
+    /// is believed only when it carries the token its node holds, which only a principal
+    /// that may annotate the node (this function's role) can have put there.
+    pub fn continuation_token_annotation(&self) -> String {
+        format!("{}/drain-continuation-token", self.prefix)
+    }
+
+    /// Every annotation of nth's on a node.
+    pub fn annotations(&self) -> [String; 6] {
+        [
+            self.event_annotation(),
+            self.kind_annotation(),
+            self.drained_annotation(),
+            self.continuing_annotation(),
+            self.continuation_token_annotation(),
+            self.owned_annotation(),
+        ]
+    }
 }
 
 #[cfg(test)]

@@ -43,6 +43,20 @@ pub struct Continuation {
     pub started: DateTime<Utc>,
     /// 1 for the first invocation, 2 for the first continuation, ...
     pub round: u32,
+    /// The token the node's `<prefix>/drain-continuation-token` annotation holds for this
+    /// round (absent in a payload no round of this function sent).
+    #[serde(default)]
+    pub token: String,
+}
+
+/// Bytes of randomness in a continuation token: a guess never lands.
+const TOKEN_BYTES: usize = 16;
+
+/// A fresh continuation token, from the operating system's random source.
+pub fn new_token() -> Result<String, getrandom::Error> {
+    let mut bytes = [0u8; TOKEN_BYTES];
+    getrandom::getrandom(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 impl Continuation {
@@ -170,7 +184,10 @@ mod tests {
             instance_id: "i-1".into(),
             started: "2026-11-25T10:00:00Z".parse().expect("time"),
             round: 2,
+            token: new_token().expect("a random source"),
         };
+        assert_eq!(next.token.len(), 32);
+        assert_ne!(next.token, new_token().expect("a random source"));
         assert_eq!(
             Continuation::from_payload(&next.payload()).expect("valid"),
             Some(next)

@@ -485,6 +485,7 @@ impl Handler {
         if let Some(lifecycle) = &interruption.lifecycle {
             result.lifecycle = Some(match &step {
                 Step::NotOurs(_) => "not completed: not this deployment's instance".to_owned(),
+                Step::Refused(_) => "not completed: the event was refused".to_owned(),
                 Step::Continues(_) => {
                     "pending: the drain continues in another invocation, which completes it"
                         .to_owned()
@@ -517,6 +518,7 @@ impl Handler {
             | Step::NotOurs(what)
             | Step::NeverJoined(what)
             | Step::Continues(what) => what,
+            Step::Refused(why) => format!("refused: {why}"),
             Step::DrainFailed { message, .. } => return Err(StepError::new("drain", &message)),
         };
         info!(outcome = %what, action = %result.action, lifecycle = result.lifecycle.as_deref().unwrap_or("none"), "interruption handled");
@@ -568,7 +570,7 @@ impl Handler {
         }
         if let Some(why) = self.contradiction(interruption, &instance).await? {
             warn!(reason = %why, "event refused: it contradicts what EC2 says");
-            return Ok(Prepared::from(Step::Done(format!("refused: {why}"))));
+            return Ok(Prepared::from(Step::Refused(why)));
         }
         let likely_name = instance.private_dns_name.as_deref();
         if *action == Action::WaitReady {
@@ -595,6 +597,21 @@ impl Handler {
         let node_name = node.metadata.name.clone().unwrap_or_default();
         tracing::Span::current().record("node", node_name.as_str());
         result.node = Some(node_name.clone());
+        if let Some(continued) = run.continuation {
+            let recorded = cluster.marker.continuation_token(&node);
+            let ours = cluster.marker.continuing_for(&node, interruption)
+                && !continued.token.is_empty()
+                && recorded == Some(continued.token.as_str());
+            if !ours {
+                let why = format!(
+                    "continuation round {} is not the one node {node_name} records: not sent by \
+                     this function, or its drain has ended",
+                    continued.round
+                );
+                warn!(reason = %why, "continuation refused");
+                return Ok(Prepared::from(Step::Refused(why)));
+            }
+        }
 
         let Action::Disrupt {
             taint,
@@ -740,25 +757,48 @@ impl Handler {
         };
         if !report.complete && !self.policy.dry_run && window.may_continue {
             if let Some(function) = &run.invocation.function_arn {
+                let token = continuation::new_token().map_err(|e| {
+                    StepError::new(
+                        "drain",
+                        &format!("no random source for the continuation token: {e}"),
+                    )
+                })?;
                 let next = Continuation {
                     event: run.event.clone(),
                     instance_id: interruption.instance_id.clone(),
                     started: run.drain_started,
                     round: run.continuation.map_or(1, |c| c.round) + 1,
+                    token,
                 };
+                // Recorded before the next round is invoked, which checks it.
                 budget::within(
+                    "the node's record of the continued drain",
+                    budget::RECORD,
+                    cluster
+                        .marker
+                        .record_continuing(&node_name, interruption, &next.token),
+                )
+                .await??;
+                let invoked = budget::within(
                     "the Invoke continuing the drain",
                     budget::AWS_CALL,
                     continuation::invoke(&self.aws, function, &next),
                 )
-                .await?
-                .map_err(|e| StepError::new("drain", &e))?;
-                budget::within(
-                    "the node's record of the continued drain",
-                    budget::RECORD,
-                    cluster.marker.record_continuing(&node_name, interruption),
-                )
-                .await??;
+                .await
+                .map_err(StepError::from)
+                .and_then(|sent| sent.map_err(|e| StepError::new("drain", &e)));
+                if let Err(error) = invoked {
+                    // No round holds the token now (or, if the Invoke did go through, the
+                    // round it started refuses itself): Lambda's retry of this invocation
+                    // starts the chain again.
+                    let _logged = budget::within(
+                        "forgetting the continued drain",
+                        budget::RECORD,
+                        cluster.marker.end_continuing(&node_name),
+                    )
+                    .await;
+                    return Err(error);
+                }
                 run.keep(cordon_notice);
                 result.drain = Some(report);
                 return Ok(Step::Continues("drain-continues".into()));
@@ -979,6 +1019,9 @@ enum Step {
     Done(String),
     /// Not this deployment's instance: no write anywhere, no lifecycle completion.
     NotOurs(String),
+    /// The payload is not to be believed (it contradicts EC2, or is a continuation this
+    /// function did not send): no write anywhere, no lifecycle completion.
+    Refused(String),
     /// A launching instance's node did not become Ready in time.
     NeverJoined(String),
     /// The drain goes on in another invocation, which answers any lifecycle action.

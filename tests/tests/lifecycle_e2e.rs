@@ -44,6 +44,36 @@ fn lifecycle_event(id: &str, instance_id: &str, launch: bool) -> Value {
     )
 }
 
+/// The token the tests' continuations carry.
+const CONTINUATION_TOKEN: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f0";
+
+/// A continuation of the sandbox instance's drain of `event`, as the previous round leaves
+/// it: recorded on the node (the interruption and the token), and the payload carrying it.
+async fn continued(
+    sandbox: &Sandbox,
+    event: Value,
+    started: chrono::DateTime<chrono::Utc>,
+    round: u32,
+) -> anyhow::Result<Value> {
+    sandbox
+        .kube
+        .patch_node(
+            sandbox.node_name(),
+            json!({"metadata": {"annotations": {
+                "node-termination-handler/drain-continues-for": event["id"],
+                "node-termination-handler/drain-continuation-token": CONTINUATION_TOKEN,
+            }}}),
+        )
+        .await?;
+    Ok(json!({"nth-continuation": {
+        "event": event,
+        "instance_id": sandbox.instance.id,
+        "started": started,
+        "round": round,
+        "token": CONTINUATION_TOKEN,
+    }}))
+}
+
 /// Another team's instance: tagged for another cluster, without nth's managed tag.
 async fn foreign_instance(sandbox: &Sandbox) -> anyhow::Result<Instance> {
     sandbox
@@ -203,12 +233,13 @@ async fn a_continuation_arriving_after_the_drain_limit_ends_the_drain_at_once() 
     // Lambda delivered the continuation late: the drain began 20 minutes ago, its limit
     // (10 minutes) passed 10 minutes ago.
     let started = chrono::Utc::now() - chrono::Duration::minutes(20);
-    let continuation = json!({"nth-continuation": {
-        "event": lifecycle_event("late-1", &instance, false),
-        "instance_id": instance,
-        "started": started,
-        "round": 3,
-    }});
+    let continuation = continued(
+        &sandbox,
+        lifecycle_event("late-1", &instance, false),
+        started,
+        3,
+    )
+    .await?;
 
     let r = response(sandbox.invoke(continuation).await?, &sandbox);
 
@@ -233,12 +264,14 @@ async fn a_continued_round_sends_its_first_heartbeat_at_once() -> anyhow::Result
     sandbox
         .aws
         .add_pending(GROUP, "node-drain", &instance, TOKEN);
-    let continuation = json!({"nth-continuation": {
-        "event": lifecycle_event("round-2", &instance, false),
-        "instance_id": instance,
-        "started": chrono::Utc::now() - chrono::Duration::minutes(5),
-        "round": 2,
-    }});
+    let started = chrono::Utc::now() - chrono::Duration::minutes(5);
+    let continuation = continued(
+        &sandbox,
+        lifecycle_event("round-2", &instance, false),
+        started,
+        2,
+    )
+    .await?;
 
     let r = response(sandbox.invoke(continuation).await?, &sandbox);
 
@@ -436,6 +469,39 @@ on_both_backends! {
             sandbox.runtime.queue().async_outcomes().is_empty(),
             "no round beyond the hook's end"
         );
+        Ok(())
+    }
+}
+
+on_both_backends! {
+    async fn a_continuation_the_function_did_not_send_is_refused(backend: Backend) -> anyhow::Result<()> {
+        let sandbox = Sandbox::start_on(backend, &[], sandbox_behaviour()).await?;
+        let instance = sandbox.instance.id.clone();
+        sandbox.aws.add_pending(GROUP, "node-drain", &instance, TOKEN);
+        let event = lifecycle_event("forged-round", &instance, false);
+        let before = sandbox.kube.node(sandbox.node_name()).await?;
+        // Anyone allowed to invoke the function could send this: a drain "continued" from an
+        // event that never started one, with a guessed token.
+        let forged = json!({"nth-continuation": {
+            "event": event,
+            "instance_id": instance,
+            "started": chrono::Utc::now() - chrono::Duration::minutes(1),
+            "round": 2,
+            "token": "00000000000000000000000000000000",
+        }});
+
+        let r = response(sandbox.invoke(forged).await?, &sandbox);
+
+        let outcome = r["results"][0]["outcome"].as_str().unwrap_or_default();
+        assert!(outcome.starts_with("refused: continuation round 2"), "{r:#}");
+        assert!(r["results"][0]["lifecycle"].as_str().is_some_and(|l| l.starts_with("not completed")), "{r:#}");
+        assert_eq!(sandbox.kube.node(sandbox.node_name()).await?, before, "nothing written");
+        assert!(sandbox.aws.calls().is_empty(), "the hook is not touched");
+
+        // With the token the node holds, the same round is believed.
+        let real = continued(&sandbox, event, chrono::Utc::now(), 2).await?;
+        let r = response(sandbox.invoke(real).await?, &sandbox);
+        assert_eq!(r["results"][0]["outcome"], "drained", "{r:#}");
         Ok(())
     }
 }

@@ -178,13 +178,7 @@ impl<'p> Marks<'p> {
             .cloned()
             .collect();
         let mut annotations = Map::new();
-        for key in [
-            policy.event_annotation(),
-            policy.kind_annotation(),
-            policy.drained_annotation(),
-            policy.continuing_annotation(),
-            policy.owned_annotation(),
-        ] {
+        for key in policy.annotations() {
             if annotation(node, &key).is_some() {
                 annotations.insert(key, Value::Null);
             }
@@ -213,15 +207,10 @@ impl<'p> Marks<'p> {
     /// Does the node carry any mark of nth's at all?
     pub fn any(&self, node: &Node) -> bool {
         let policy = self.policy;
-        let annotated = [
-            policy.event_annotation(),
-            policy.kind_annotation(),
-            policy.drained_annotation(),
-            policy.continuing_annotation(),
-            policy.owned_annotation(),
-        ]
-        .iter()
-        .any(|key| annotation(node, key).is_some());
+        let annotated = policy
+            .annotations()
+            .iter()
+            .any(|key| annotation(node, key).is_some());
         let prefix = format!("{}/", policy.prefix);
         annotated || taints(node).iter().any(|t| t.key.starts_with(&prefix))
     }

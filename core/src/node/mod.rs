@@ -276,21 +276,33 @@ impl NodeMarker {
         annotation(node, &self.policy.continuing_annotation()) == Some(interruption.id.as_str())
     }
 
-    /// Records on the node that this interruption's drain goes on in another invocation.
-    /// Annotations merge by key, so an annotation of ours alone needs no read first.
+    /// The token the next round of this node's continued drain must carry.
+    pub fn continuation_token<'a>(&self, node: &'a Node) -> Option<&'a str> {
+        annotation(node, &self.policy.continuation_token_annotation())
+    }
+
+    /// Records on the node that this interruption's drain goes on in another invocation,
+    /// whose payload carries `token`. Annotations merge by key, so annotations of ours alone
+    /// need no read first.
     pub async fn record_continuing(
         &self,
         node: &str,
         interruption: &Interruption,
+        token: &str,
     ) -> Result<(), NodeError> {
-        let patch = json!({"metadata": {"annotations": {self.policy.continuing_annotation(): interruption.id}}});
+        let patch = json!({"metadata": {"annotations": {
+            self.policy.continuing_annotation(): interruption.id,
+            self.policy.continuation_token_annotation(): token,
+        }}});
         self.patch(node, patch).await.map(drop)
     }
 
     /// Forgets that a drain goes on elsewhere: the chain of invocations ended.
     pub async fn end_continuing(&self, node: &str) -> Result<(), NodeError> {
-        let patch =
-            json!({"metadata": {"annotations": {self.policy.continuing_annotation(): null}}});
+        let patch = json!({"metadata": {"annotations": {
+            self.policy.continuing_annotation(): null,
+            self.policy.continuation_token_annotation(): null,
+        }}});
         self.patch(node, patch).await.map(drop)
     }
 
@@ -306,6 +318,7 @@ impl NodeMarker {
         let annotations = json!({
             self.policy.drained_annotation(): interruption.id,
             self.policy.continuing_annotation(): null,
+            self.policy.continuation_token_annotation(): null,
         });
         // A rebalance recommendation's instance keeps running: it is not out of service.
         let out_of_service = self.policy.out_of_service_taint
