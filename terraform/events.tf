@@ -78,6 +78,17 @@ locals {
         detail = {
           service           = ["EC2"]
           eventTypeCategory = ["scheduledChange"]
+          # upcoming and open drain (older events carry no statusCode); closed only gives a
+          # reboot maintenance's nodes back, so any other closed event would be an
+          # invocation for nothing (nth skips it).
+          "$or" = [
+            { statusCode = ["upcoming", "open"] },
+            { statusCode = [{ exists = false }] },
+            {
+              statusCode    = ["closed"]
+              eventTypeCode = ["AWS_EC2_SYSTEM_REBOOT_MAINTENANCE_SCHEDULED", "AWS_EC2_INSTANCE_REBOOT_MAINTENANCE_SCHEDULED"]
+            },
+          ]
         }
       })
     }

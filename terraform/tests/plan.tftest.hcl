@@ -61,9 +61,20 @@ run "defaults" {
       account       = ["123456789012"]
       source        = ["aws.health"]
       "detail-type" = ["AWS Health Event"]
-      detail        = { service = ["EC2"], eventTypeCategory = ["scheduledChange"] }
+      detail = {
+        service           = ["EC2"]
+        eventTypeCategory = ["scheduledChange"]
+        "$or" = [
+          { statusCode = ["upcoming", "open"] },
+          { statusCode = [{ exists = false }] },
+          {
+            statusCode    = ["closed"]
+            eventTypeCode = ["AWS_EC2_SYSTEM_REBOOT_MAINTENANCE_SCHEDULED", "AWS_EC2_INSTANCE_REBOOT_MAINTENANCE_SCHEDULED"]
+          },
+        ]
+      }
     }
-    error_message = "the Health rule is limited to EC2 scheduledChange"
+    error_message = "the Health rule is limited to EC2 scheduledChange, and closed events to reboot maintenance"
   }
   assert {
     condition     = !can(jsondecode(aws_cloudwatch_event_rule.this["terminate-lifecycle-action"].event_pattern).detail)
