@@ -107,10 +107,11 @@ resource "aws_iam_role" "function" {
 
 data "aws_iam_policy_document" "function" {
   # None of these actions supports resource-level permissions. DescribeLifecycleHooks
-  # reads the hook's timeouts, which cap a drain.
+  # reads the hook's timeouts, which cap a drain; DescribeAutoScalingInstances checks a
+  # termination event against its group.
   statement {
     sid       = "Describe"
-    actions   = ["ec2:DescribeInstances", "autoscaling:DescribeTags", "autoscaling:DescribeLifecycleHooks"]
+    actions   = ["ec2:DescribeInstances", "autoscaling:DescribeTags", "autoscaling:DescribeLifecycleHooks", "autoscaling:DescribeAutoScalingInstances"]
     resources = ["*"]
   }
 

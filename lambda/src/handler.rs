@@ -572,6 +572,18 @@ impl Handler {
             warn!(reason = %why, "event refused: it contradicts what EC2 says");
             return Ok(Prepared::from(Step::Refused(why)));
         }
+        if let (InterruptionKind::AsgTermination, Some(lifecycle)) =
+            (interruption.kind, &interruption.lifecycle)
+        {
+            let asked = self
+                .lifecycle
+                .termination_contradiction(&interruption.instance_id, lifecycle)
+                .await;
+            if let Some(why) = asked {
+                warn!(reason = %why, "event refused: it contradicts what Auto Scaling says");
+                return Ok(Prepared::from(Step::Refused(why)));
+            }
+        }
         let likely_name = instance.private_dns_name.as_deref();
         if *action == Action::WaitReady {
             return self

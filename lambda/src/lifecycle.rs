@@ -161,6 +161,60 @@ impl Lifecycle {
         limits
     }
 
+    /// Why Auto Scaling cannot be waiting on this termination action: the instance is in
+    /// another group, in none, or not terminating. `None` when it can, and when Auto Scaling
+    /// cannot be asked (the check then gives way: a scale-in must not hang on a permission).
+    /// A redelivered event finds the action already completed (`Terminating:Proceed`).
+    pub async fn termination_contradiction(
+        &self,
+        instance_id: &str,
+        action: &LifecycleAction,
+    ) -> Option<String> {
+        let described = self
+            .asg
+            .describe_auto_scaling_instances()
+            .instance_ids(instance_id)
+            .send()
+            .await;
+        let output = match described {
+            Ok(output) => output,
+            Err(error) => {
+                let error = self.error("DescribeAutoScalingInstances", instance_id, action, &error);
+                warn!(%error, "the instance's group and state could not be checked");
+                return None;
+            }
+        };
+        let Some(instance) = output
+            .auto_scaling_instances()
+            .iter()
+            .find(|i| i.instance_id() == Some(instance_id))
+        else {
+            return Some(format!(
+                "instance {instance_id} is in no Auto Scaling group; the event names {}",
+                action.group
+            ));
+        };
+        let group = instance.auto_scaling_group_name().unwrap_or_default();
+        let state = instance.lifecycle_state().unwrap_or_default();
+        if group != action.group {
+            return Some(format!(
+                "instance {instance_id} is in group {group}; the event names {}",
+                action.group
+            ));
+        }
+        let terminating = [
+            "Terminating",
+            "Terminated",
+            "Warmed:Terminating",
+            "Warmed:Terminated",
+        ]
+        .iter()
+        .any(|s| state.starts_with(s));
+        (!terminating).then(|| {
+            format!("instance {instance_id} is {state} in group {group}: no termination waits on a hook")
+        })
+    }
+
     pub async fn heartbeat(
         &self,
         instance_id: &str,

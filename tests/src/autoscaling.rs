@@ -42,20 +42,34 @@ pub struct PendingAction {
     pub timed_out: bool,
 }
 
-/// The lifecycle hook's settings that decide when Auto Scaling stops waiting.
+/// The lifecycle hook's settings: its transition, and when Auto Scaling stops waiting.
 #[derive(Debug, Clone)]
 pub struct HookSettings {
+    /// The hook fires on a launch (`Pending:Wait`), else on a termination
+    /// (`Terminating:Wait`).
+    pub launching: bool,
     pub heartbeat_timeout: Duration,
     /// `CONTINUE` or `ABANDON` (Auto Scaling's default).
     pub default_result: String,
 }
 
 impl Default for HookSettings {
-    /// Auto Scaling's defaults: an hour, then ABANDON.
+    /// A termination hook with Auto Scaling's defaults: an hour, then ABANDON.
     fn default() -> Self {
         Self {
+            launching: false,
             heartbeat_timeout: Duration::from_secs(3600),
             default_result: "ABANDON".to_owned(),
+        }
+    }
+}
+
+impl HookSettings {
+    /// A launch hook with Auto Scaling's defaults.
+    pub fn launching() -> Self {
+        Self {
+            launching: true,
+            ..Self::default()
         }
     }
 }
@@ -71,6 +85,17 @@ impl HookSettings {
 }
 
 impl PendingAction {
+    /// The instance's LifecycleState while Auto Scaling waits on this action, and after.
+    fn lifecycle_state(&self) -> &'static str {
+        match (self.hook_settings.launching, &self.completed) {
+            (false, None) => "Terminating:Wait",
+            (false, Some(_)) => "Terminating:Proceed",
+            (true, None) => "Pending:Wait",
+            (true, Some((result, _))) if result == "CONTINUE" => "InService",
+            (true, Some(_)) => "Terminating",
+        }
+    }
+
     /// When Auto Scaling stops waiting, as things stand.
     fn expires_at(&self) -> Instant {
         let last = self.heartbeats.last().copied().unwrap_or(self.started);
@@ -332,6 +357,38 @@ fn describe_hooks(state: &AppState, field: &impl Fn(&str) -> Option<String>) -> 
     (StatusCode::OK, [("content-type", "text/xml")], body).into_response()
 }
 
+/// The groups and lifecycle states of the instances named (`InstanceIds.member.N`) that have
+/// lifecycle actions here; `None` when none has, for moto to answer (its own groups).
+fn describe_instances(
+    state: &AppState,
+    field: &impl Fn(&str) -> Option<String>,
+) -> Option<Response> {
+    let wanted: Vec<String> = (1..)
+        .map_while(|i| field(&format!("InstanceIds.member.{i}")))
+        .collect();
+    let mut inner = lock(&state.inner);
+    let now = Instant::now();
+    inner.pending.iter_mut().for_each(|p| p.expire(now));
+    let mut members = String::new();
+    for id in &wanted {
+        let Some(action) = inner.pending.iter().rev().find(|p| &p.instance_id == id) else {
+            continue;
+        };
+        members.push_str(&format!(
+            "<member><InstanceId>{id}</InstanceId><InstanceType>m5.large</InstanceType><AutoScalingGroupName>{}</AutoScalingGroupName><AvailabilityZone>{TEST_REGION}a</AvailabilityZone><LifecycleState>{}</LifecycleState><HealthStatus>HEALTHY</HealthStatus><ProtectedFromScaleIn>false</ProtectedFromScaleIn></member>",
+            action.group,
+            action.lifecycle_state(),
+        ));
+    }
+    if members.is_empty() {
+        return None;
+    }
+    let body = format!(
+        "<DescribeAutoScalingInstancesResponse xmlns=\"{XMLNS}\"><DescribeAutoScalingInstancesResult><AutoScalingInstances>{members}</AutoScalingInstances></DescribeAutoScalingInstancesResult><ResponseMetadata><RequestId>00000000-0000-4000-8000-000000000003</RequestId></ResponseMetadata></DescribeAutoScalingInstancesResponse>"
+    );
+    Some((StatusCode::OK, [("content-type", "text/xml")], body).into_response())
+}
+
 fn xml_error(code: &str, message: &str) -> Response {
     let body = format!(
         "<ErrorResponse xmlns=\"{XMLNS}\"><Error><Type>Sender</Type><Code>{code}</Code><Message>{message}</Message></Error><RequestId>00000000-0000-4000-8000-000000000000</RequestId></ErrorResponse>"
@@ -410,6 +467,11 @@ async fn handle(
     }
     if action == "DescribeLifecycleHooks" {
         return describe_hooks(&state, &field);
+    }
+    if action == "DescribeAutoScalingInstances" {
+        if let Some(answer) = describe_instances(&state, &field) {
+            return answer;
+        }
     }
     proxy(&state, method, uri, headers, body).await
 }

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use nth_tests::autoscaling::HookSettings;
 use nth_tests::cluster::Backend;
 use nth_tests::fixtures::{self, our_taint_keys, taint_keys};
 use nth_tests::kube::state::is_terminating;
@@ -521,7 +522,7 @@ on_both_backends! {
         let instance = sandbox.managed_instance_without_node().await?;
         sandbox
             .aws
-            .add_pending(GROUP, "node-join", &instance.id, TOKEN);
+            .add_pending_with(GROUP, "node-join", &instance.id, TOKEN, HookSettings::launching());
         let ev = launch_event("ln-1", &instance.id);
         // The node joins NotReady after 2 s and turns Ready 4 s later, as a kubelet does.
         let joining = async {
@@ -555,7 +556,7 @@ on_both_backends! {
         let instance = sandbox.managed_instance_without_node().await?;
         sandbox
             .aws
-            .add_pending(GROUP, "node-join", &instance.id, TOKEN);
+            .add_pending_with(GROUP, "node-join", &instance.id, TOKEN, HookSettings::launching());
         let ev = launch_event("ln-2", &instance.id);
         let r = response(
             sandbox.runtime.invoke(ev, Duration::from_secs(9)).await?,

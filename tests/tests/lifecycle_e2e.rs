@@ -92,7 +92,11 @@ on_both_backends! {
         .await?;
         let theirs = foreign_instance(&sandbox).await?;
         for (id, launch) in [("ig-1", false), ("ig-2", true)] {
-            sandbox.aws.add_pending(GROUP, if launch { "node-join" } else { "node-drain" }, &theirs.id, TOKEN);
+            if launch {
+                sandbox.aws.add_pending_with(GROUP, "node-join", &theirs.id, TOKEN, HookSettings::launching());
+            } else {
+                sandbox.aws.add_pending(GROUP, "node-drain", &theirs.id, TOKEN);
+            }
             let r = response(sandbox.invoke(lifecycle_event(id, &theirs.id, launch)).await?, &sandbox);
             assert!(
                 r["results"][0]["lifecycle"].as_str().is_some_and(|l| l.contains("not completed")),
@@ -177,7 +181,7 @@ on_both_backends! {
             .kube
             .add_node(fixtures::node(&instance.id, &instance.id, &instance.availability_zone))
             .await?;
-        sandbox.aws.add_pending(GROUP, "node-join", &instance.id, TOKEN);
+        sandbox.aws.add_pending_with(GROUP, "node-join", &instance.id, TOKEN, HookSettings::launching());
 
         let r = response(
             sandbox.runtime.invoke(lifecycle_event("ln-named", &instance.id, true), Duration::from_secs(60)).await?,
@@ -212,11 +216,13 @@ async fn a_webhook_secret_that_cannot_be_read_never_stops_a_drain() -> anyhow::R
         "the reason is logged: {:?}",
         sandbox.lambda.output()
     );
+    // The metrics line is written before the answer, but the pipe is read concurrently.
     let counted = sandbox
         .lambda
-        .output()
-        .iter()
-        .any(|l| serde_json::from_str::<Value>(l).is_ok_and(|v| v["WebhookUnavailable"] == 1));
+        .wait_for_line(|l| {
+            serde_json::from_str::<Value>(l).is_ok_and(|v| v["WebhookUnavailable"] == 1)
+        })
+        .await;
     assert!(counted, "and counted in the invocation's metrics");
     Ok(())
 }
@@ -502,6 +508,45 @@ on_both_backends! {
         let real = continued(&sandbox, event, chrono::Utc::now(), 2).await?;
         let r = response(sandbox.invoke(real).await?, &sandbox);
         assert_eq!(r["results"][0]["outcome"], "drained", "{r:#}");
+        Ok(())
+    }
+}
+
+on_both_backends! {
+    async fn a_termination_event_auto_scaling_is_not_waiting_on_is_refused(backend: Backend) -> anyhow::Result<()> {
+        let sandbox = Sandbox::start_on(backend, &[], sandbox_behaviour()).await?;
+        // In service in its group (moto's Auto Scaling), with a node: nothing is terminating it.
+        let serving = sandbox
+            .moto
+            .run_group(
+                GROUP,
+                &[
+                    ("eks:cluster-name", nth_tests::sandbox::CLUSTER, true),
+                    (MANAGED_TAG, "true", true),
+                ],
+            )
+            .await?;
+        sandbox.add_node(&serving, 2).await?;
+        let before = sandbox.kube.node(&serving.private_dns_name).await?;
+        let in_service = response(
+            sandbox.invoke(lifecycle_event("forged-term-1", &serving.id, false)).await?,
+            &sandbox,
+        );
+        // In no group at all.
+        let loose = response(
+            sandbox
+                .invoke(lifecycle_event("forged-term-2", &sandbox.instance.id, false))
+                .await?,
+            &sandbox,
+        );
+
+        let outcome = |r: &Value| r["results"][0]["outcome"].as_str().unwrap_or_default().to_owned();
+        assert!(outcome(&in_service).starts_with("refused: ") && outcome(&in_service).contains("InService"), "{in_service:#}");
+        assert!(outcome(&loose).contains("in no Auto Scaling group"), "{loose:#}");
+        assert_eq!(sandbox.kube.node(&serving.private_dns_name).await?, before, "nothing written");
+        let home = sandbox.kube.node(sandbox.node_name()).await?.expect("node");
+        assert_ne!(home["spec"]["unschedulable"], true);
+        assert!(sandbox.aws.calls().is_empty(), "no lifecycle call");
         Ok(())
     }
 }
