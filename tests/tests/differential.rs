@@ -344,3 +344,94 @@ async fn the_emulator_answers_as_the_real_server_does() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// What a budget watch shows while a second replica turns up and one is evicted: the
+/// successive `disruptionsAllowed` values (repeats folded, since the real disruption
+/// controller may write a status more than once).
+async fn budget_watch(cluster: &Cluster) -> anyhow::Result<Vec<(String, i64)>> {
+    use futures::TryStreamExt;
+    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+    use kube::api::{ListParams, WatchEvent, WatchParams};
+    let client = cluster.client(CLUSTER)?;
+    let budgets: kube::Api<PodDisruptionBudget> = kube::Api::all(client.clone());
+    // From the budget's first status on: the real disruption controller writes it a moment
+    // after the budget is created.
+    let mut listed = budgets.list(&ListParams::default()).await?;
+    for _ in 0..100 {
+        let observed = listed.items.iter().all(|b| {
+            b.status
+                .as_ref()
+                .and_then(|s| s.observed_generation)
+                .is_some_and(|g| g >= 1)
+        });
+        if observed {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        listed = budgets.list(&ListParams::default()).await?;
+    }
+    let first = listed
+        .items
+        .first()
+        .and_then(|b| b.status.as_ref())
+        .map_or(-1, |s| i64::from(s.disruptions_allowed));
+    let rv = listed.metadata.resource_version.unwrap_or_default();
+    let stream = budgets
+        .watch(&WatchParams::default().timeout(6), &rv)
+        .await?;
+    let seen = tokio::spawn(async move {
+        let mut seen: Vec<(String, i64)> = Vec::new();
+        let mut last = first;
+        futures::pin_mut!(stream);
+        while let Ok(Some(event)) = stream.try_next().await {
+            let (kind, pdb) = match event {
+                WatchEvent::Added(p) => ("ADDED", p),
+                WatchEvent::Modified(p) => ("MODIFIED", p),
+                WatchEvent::Deleted(p) => ("DELETED", p),
+                _ => continue,
+            };
+            let allowed = i64::from(pdb.status.map_or(-1, |s| s.disruptions_allowed));
+            if allowed != last {
+                seen.push((kind.to_owned(), allowed));
+                last = allowed;
+            }
+        }
+        seen
+    });
+    cluster
+        .add_pod(fixtures::replicaset_pod(NS, "guarded", 1, NODE, "guarded"))
+        .await?;
+    // The real disruption controller writes the budget's status a moment later.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let pod = "guarded-00000";
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri(format!("/api/v1/namespaces/{NS}/pods/{pod}/eviction"))
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(&eviction(pod, None))?)?;
+    let answer = client.send(request.map(Into::into)).await?;
+    anyhow::ensure!(
+        answer.status().as_u16() == 201,
+        "the eviction was refused: {}",
+        answer.status()
+    );
+    Ok(seen.await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_watch_shows_what_the_disruption_controller_writes() -> anyhow::Result<()> {
+    if !Backend::real_available()? {
+        eprintln!(
+            "skipped: KUBEBUILDER_ASSETS is not set, so there is no real server to compare with"
+        );
+        return Ok(());
+    }
+    let from_real = budget_watch(&seeded(Backend::Real).await?).await?;
+    let from_emulator = budget_watch(&seeded(Backend::Emulator).await?).await?;
+
+    // A second healthy replica lets one go; the eviction takes that allowance back.
+    let expected = [("MODIFIED".to_owned(), 1), ("MODIFIED".to_owned(), 0)];
+    assert_eq!(from_real, expected, "the real server");
+    assert_eq!(from_emulator, expected, "the emulator");
+    Ok(())
+}
