@@ -140,10 +140,12 @@ impl Budgets {
         self.budgets.get(key).and_then(|b| b.last_allowed)
     }
 
-    /// An eviction under the budget was accepted: it allowed one just now.
+    /// An eviction under the budget was accepted: it allowed one just now, and has one
+    /// fewer to allow until the watch brings the server's count.
     pub(crate) fn note_accepted(&mut self, key: &BudgetKey) {
         if let Some(budget) = self.budgets.get_mut(key) {
             budget.last_allowed = Some(Utc::now());
+            budget.allowed = (budget.allowed - 1).max(0);
         }
     }
 

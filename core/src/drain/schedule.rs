@@ -250,11 +250,24 @@ impl Run<'_> {
                 entry.last_reason = Some(reason);
                 // With a watch, the budget's next change wakes the pod; the timer is only a
                 // safety net. Without one, the timer is all there is.
+                // Evictions under the same budget still in flight may take what it allows.
+                let budget = entry.budget.clone();
+                let in_flight = budget.as_ref().map_or(0, |b| {
+                    self.entries
+                        .iter()
+                        .zip(&self.places)
+                        .enumerate()
+                        .filter(|(j, (e, p))| {
+                            *j != i && **p == Place::InFlight && e.budget.as_ref() == Some(b)
+                        })
+                        .count()
+                });
+                let entry = &mut self.entries[i];
                 let stale = !entry.stale_retried
-                    && entry
-                        .budget
-                        .as_ref()
-                        .is_some_and(|b| budgets.watching() && budgets.allowed(b) > 0);
+                    && budget.as_ref().is_some_and(|b| {
+                        budgets.watching()
+                            && usize::try_from(budgets.allowed(b)).unwrap_or(0) > in_flight
+                    });
                 entry.stale_retried = stale;
                 let wait = match &entry.budget {
                     Some(_) if stale => STALE_ALLOWANCE_RETRY,
