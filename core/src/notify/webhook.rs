@@ -226,10 +226,9 @@ impl Webhook {
         &self,
         body: String,
     ) -> Result<http::StatusCode, Box<dyn std::error::Error + Send + Sync>> {
-        let mut request = http::Request::post(&self.settings.url)
-            .header(http::header::CONTENT_TYPE, "application/json");
-        for (name, value) in &self.settings.headers {
-            request = request.header(name, value);
+        let mut request = http::Request::post(&self.settings.url);
+        if let Some(headers) = request.headers_mut() {
+            *headers = request_headers(&self.settings.headers)?;
         }
         let response = self
             .client
@@ -237,6 +236,26 @@ impl Webhook {
             .await?;
         Ok(response.status())
     }
+}
+
+/// `Content-Type: application/json`, then the configured headers, each replacing one of the
+/// same name (as aws-node-termination-handler's WEBHOOK_HEADERS do): a receiver that wants
+/// another content type gets exactly one.
+fn request_headers(
+    configured: &[(String, String)],
+) -> Result<http::HeaderMap, Box<dyn std::error::Error + Send + Sync>> {
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    for (name, value) in configured {
+        headers.insert(
+            http::HeaderName::try_from(name.as_str())?,
+            http::HeaderValue::try_from(value.as_str())?,
+        );
+    }
+    Ok(headers)
 }
 
 #[cfg(test)]
@@ -266,6 +285,20 @@ mod tests {
             template: template.into(),
             timeout: DEFAULT_TIMEOUT,
         }
+    }
+
+    #[test]
+    fn configured_headers_replace_the_default_content_type() {
+        let configured = vec![
+            ("content-type".to_owned(), "text/plain".to_owned()),
+            ("X-Team".to_owned(), "platform".to_owned()),
+        ];
+        let headers = request_headers(&configured).expect("valid headers");
+        let types: Vec<_> = headers.get_all(http::header::CONTENT_TYPE).iter().collect();
+        assert_eq!(types, ["text/plain"]);
+        assert_eq!(headers["x-team"], "platform");
+        let default = request_headers(&[]).expect("valid headers");
+        assert_eq!(default[http::header::CONTENT_TYPE], "application/json");
     }
 
     #[test]
