@@ -45,6 +45,7 @@ locals {
     REBALANCE_DRAIN             = tostring(var.rebalance_drain)
     MANAGED_TAG                 = var.managed_tag
     CHECK_MANAGED_TAG           = tostring(var.check_managed_tag)
+    LEAVE_KARPENTER_NODES       = tostring(var.leave_karpenter_nodes)
     DRAIN_CONCURRENCY           = tostring(var.drain_concurrency)
     EVICTION_RETRY_SECONDS      = tostring(var.eviction_retry_seconds)
     DRAIN_EMPTYDIR_PODS         = tostring(var.drain_empty_dir_pods)

@@ -195,6 +195,12 @@ variable "check_managed_tag" {
   default     = true
 }
 
+variable "leave_karpenter_nodes" {
+  description = "Leave nodes Karpenter launched (label karpenter.sh/nodepool) to Karpenter's own interruption handling (LEAVE_KARPENTER_NODES)."
+  type        = bool
+  default     = false
+}
+
 variable "lifecycle_managed_groups_only" {
   description = "With check_managed_tag: the role may complete lifecycle actions and record their heartbeats only in Auto Scaling groups that carry managed_tag (an IAM condition on autoscaling:ResourceTag), so a group must carry the tag itself for its hooks to be served. false allows every group (or auto_scaling_group_names), for instances tagged without their group."
   type        = bool

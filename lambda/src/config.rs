@@ -65,6 +65,9 @@ pub struct Config {
     pub drain: DrainSettings,
     /// Act only on instances (or groups) with this tag; `None` when the check is off.
     pub managed_tag: Option<String>,
+    /// Leave nodes Karpenter manages to Karpenter's own interruption handling
+    /// (LEAVE_KARPENTER_NODES).
+    pub leave_karpenter_nodes: bool,
     pub heartbeat_interval: Duration,
     /// How long one node's drain may go on across invocations (MAX_DRAIN_SECONDS).
     pub max_drain: Duration,
@@ -262,6 +265,7 @@ impl Config {
             policy,
             drain,
             managed_tag,
+            leave_karpenter_nodes: settings::flag(&get, "LEAVE_KARPENTER_NODES", false)?,
             heartbeat_interval,
             max_drain: settings::number(&get, "MAX_DRAIN_SECONDS")?
                 .map(Duration::from_secs)

@@ -207,6 +207,8 @@ pub struct Handler {
     pub region: String,
     pub policy: Policy,
     pub managed_tag: Option<String>,
+    /// Nodes carrying Karpenter's node pool label are Karpenter's to handle.
+    pub leave_karpenter_nodes: bool,
     pub resolver: Resolver,
     pub lifecycle: Lifecycle,
     /// Where EMF metrics go; `None` outside Lambda.
@@ -609,6 +611,14 @@ impl Handler {
         let node_name = node.metadata.name.clone().unwrap_or_default();
         tracing::Span::current().record("node", node_name.as_str());
         result.node = Some(node_name.clone());
+        if self.leave_karpenter_nodes {
+            if let Some(label) = karpenter_label(&node) {
+                return Ok(Prepared::from(Step::NotOurs(format!(
+                    "node {node_name} is Karpenter's (label {label}); LEAVE_KARPENTER_NODES \
+                     leaves it to Karpenter's interruption handling"
+                ))));
+            }
+        }
         if let Some(continued) = run.continuation {
             let recorded = cluster.marker.continuation_token(&node);
             let ours = cluster.marker.continuing_for(&node, interruption)
@@ -982,6 +992,18 @@ impl Handler {
             tokio::time::sleep(LAUNCH_POLL_INTERVAL).await;
         }
     }
+}
+
+/// The labels Karpenter puts on the nodes it launches: `karpenter.sh/nodepool` (v1 and
+/// v1beta1), `karpenter.sh/provisioner-name` (v1alpha5).
+const KARPENTER_LABELS: [&str; 2] = ["karpenter.sh/nodepool", "karpenter.sh/provisioner-name"];
+
+/// The Karpenter label the node carries, if any.
+fn karpenter_label(node: &Node) -> Option<&'static str> {
+    let labels = node.metadata.labels.as_ref()?;
+    KARPENTER_LABELS
+        .into_iter()
+        .find(|label| labels.contains_key(*label))
 }
 
 /// Whether the event claims a state of the instance (a state-change notification).

@@ -107,6 +107,7 @@ pub async fn build_handler(config: Config) -> Result<Handler, SetupError> {
         clusters: Clusters::new(config.clusters, fixed, discovery),
         region,
         managed_tag: config.managed_tag,
+        leave_karpenter_nodes: config.leave_karpenter_nodes,
         resolver: Resolver::new(aws_sdk_ec2::Client::new(&aws), asg.clone()),
         metrics_namespace: config.metrics_namespace,
         webhook,

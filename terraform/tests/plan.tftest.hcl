@@ -91,6 +91,7 @@ run "defaults" {
       REBALANCE_DRAIN             = "false"
       MANAGED_TAG                 = "node-termination-handler/managed"
       CHECK_MANAGED_TAG           = "true"
+      LEAVE_KARPENTER_NODES       = "false"
       DRAIN_CONCURRENCY           = "16"
       EVICTION_RETRY_SECONDS      = "5"
       DRAIN_EMPTYDIR_PODS         = "true"

@@ -996,3 +996,37 @@ on_both_backends! {
         Ok(())
     }
 }
+
+on_both_backends! {
+    async fn karpenters_nodes_can_be_left_to_karpenter(backend: Backend) -> anyhow::Result<()> {
+        let sandbox = start(backend, &[("LEAVE_KARPENTER_NODES", "true")]).await?;
+        let name = sandbox.node_name().to_owned();
+        sandbox
+            .kube
+            .patch_node(&name, json!({"metadata": {"labels": {"karpenter.sh/nodepool": "default"}}}))
+            .await?;
+        let before = node(&sandbox, &name).await?;
+        // A node Karpenter does not manage is drained as ever.
+        let other = sandbox.add_instance_node(&[], 2).await?;
+
+        let left = response(sandbox.invoke(sandbox.spot_event("karpenter-1")).await?, &sandbox);
+        let warning = event(
+            "karpenter-2",
+            "aws.ec2",
+            "EC2 Spot Instance Interruption Warning",
+            &other.id,
+            json!({"instance-id": other.id, "instance-action": "terminate"}),
+        );
+        let drained = response(sandbox.invoke(warning).await?, &sandbox);
+
+        assert!(
+            left["results"][0]["outcome"]
+                .as_str()
+                .is_some_and(|o| o.contains("Karpenter's (label karpenter.sh/nodepool)")),
+            "{left:#}"
+        );
+        assert_eq!(node(&sandbox, &name).await?, before, "Karpenter's node untouched");
+        assert_eq!(drained["results"][0]["outcome"], "drained", "{drained:#}");
+        Ok(())
+    }
+}
