@@ -463,8 +463,9 @@ fn on_plane_runtime(inner: kube::Client, plane: tokio::runtime::Handle) -> kube:
 
 /// The flags that serve ValidatingAdmissionPolicy (deploy/admission-policy.yaml): GA
 /// (`admissionregistration.k8s.io/v1`, on by default) from Kubernetes 1.30; before, beta
-/// (`v1beta1`) behind its feature gate and off unless both flags are given. The gate is gone
-/// from 1.32, where naming it stops the server, so they go to older servers only.
+/// (`v1beta1`) behind its feature gate and off unless both flags are given. A GA gate is
+/// removed a few releases later, and naming an unknown gate stops the server, so they go to
+/// older servers only.
 fn admission_policy_flags(assets: &Path) -> anyhow::Result<Vec<String>> {
     let output = Command::new(assets.join("kube-apiserver"))
         .arg("--version")
