@@ -299,7 +299,10 @@ impl ControlPlane {
                 "--service-cluster-ip-range=10.0.0.0/24".to_owned(),
                 "--endpoint-reconciler-type=none".to_owned(),
                 "--allow-privileged=true".to_owned(),
-            ],
+            ]
+            .into_iter()
+            .chain(admission_policy_flags(assets)?)
+            .collect::<Vec<_>>(),
         )?);
         let mut admin_config = kube::Config::new(url.parse().context("the API server URL")?);
         admin_config.root_cert = Some(vec![pki.ca_der.clone()]);
@@ -456,6 +459,34 @@ fn on_plane_runtime(inner: kube::Client, plane: tokio::runtime::Handle) -> kube:
         }
     });
     kube::Client::new(service, default_namespace)
+}
+
+/// The flags that serve ValidatingAdmissionPolicy (deploy/admission-policy.yaml): GA
+/// (`admissionregistration.k8s.io/v1`, on by default) from Kubernetes 1.30; before, beta
+/// (`v1beta1`) behind its feature gate and off unless both flags are given. A GA gate is
+/// removed a few releases later, and naming an unknown gate stops the server, so they go to
+/// older servers only.
+fn admission_policy_flags(assets: &Path) -> anyhow::Result<Vec<String>> {
+    let output = Command::new(assets.join("kube-apiserver"))
+        .arg("--version")
+        .output()
+        .context("running kube-apiserver --version")?;
+    let version = String::from_utf8_lossy(&output.stdout);
+    // "Kubernetes v1.28.4"
+    let minor = version
+        .split_whitespace()
+        .last()
+        .and_then(|v| v.trim_start_matches('v').split('.').nth(1))
+        .and_then(|m| m.parse::<u32>().ok())
+        .with_context(|| format!("reading kube-apiserver's version from {version:?}"))?;
+    Ok(if minor < 30 {
+        vec![
+            "--feature-gates=ValidatingAdmissionPolicy=true".to_owned(),
+            "--runtime-config=admissionregistration.k8s.io/v1beta1=true".to_owned(),
+        ]
+    } else {
+        Vec::new()
+    })
 }
 
 /// Polls `ready` every 100 ms until it holds, the server exits, or [`START_TIMEOUT`].
