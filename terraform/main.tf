@@ -59,18 +59,19 @@ locals {
   }
   # Left out when empty or null: the function then uses its own default.
   optional_environment = {
-    CLUSTER_NAME                 = var.cluster_name
-    CLUSTERS                     = join(",", var.clusters)
-    CLUSTER_ENDPOINT             = var.cluster_endpoint
-    CLUSTER_CA_DATA              = var.cluster_ca_data
-    ACTIONS                      = var.actions
-    POD_TERMINATION_GRACE_PERIOD = var.pod_termination_grace_period == null ? "" : tostring(var.pod_termination_grace_period)
-    LIFECYCLE_HEARTBEAT_SECONDS  = var.lifecycle_heartbeat_seconds == null ? "" : tostring(var.lifecycle_heartbeat_seconds)
-    EXCLUDE_NAMESPACES           = join(",", var.exclude_namespaces)
-    EXCLUDE_POD_LABELS           = join(",", var.exclude_pod_labels)
-    WEBHOOK_URL_SECRET_ARN       = var.webhook_url_secret_arn
-    WEBHOOK_TEMPLATE             = var.webhook_template
-    WEBHOOK_ALLOW_HTTP           = var.webhook_allow_http ? "true" : ""
+    CLUSTER_NAME                       = var.cluster_name
+    CLUSTERS                           = join(",", var.clusters)
+    CLUSTER_ENDPOINT                   = var.cluster_endpoint
+    CLUSTER_CA_DATA                    = var.cluster_ca_data
+    ACTIONS                            = var.actions
+    POD_TERMINATION_GRACE_PERIOD       = var.pod_termination_grace_period == null ? "" : tostring(var.pod_termination_grace_period)
+    LIFECYCLE_HEARTBEAT_SECONDS        = var.lifecycle_heartbeat_seconds == null ? "" : tostring(var.lifecycle_heartbeat_seconds)
+    LIFECYCLE_COMPLETION_DELAY_SECONDS = tostring(var.lifecycle_completion_delay_seconds)
+    EXCLUDE_NAMESPACES                 = join(",", var.exclude_namespaces)
+    EXCLUDE_POD_LABELS                 = join(",", var.exclude_pod_labels)
+    WEBHOOK_URL_SECRET_ARN             = var.webhook_url_secret_arn
+    WEBHOOK_TEMPLATE                   = var.webhook_template
+    WEBHOOK_ALLOW_HTTP                 = var.webhook_allow_http ? "true" : ""
   }
   environment = merge(
     local.required_environment,

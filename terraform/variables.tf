@@ -287,6 +287,17 @@ variable "lifecycle_heartbeat_seconds" {
   }
 }
 
+variable "lifecycle_completion_delay_seconds" {
+  description = "Seconds to wait after a termination hook's drain before completing the lifecycle action, the hook kept alive meanwhile: time for load balancers to deregister the instance (LIFECYCLE_COMPLETION_DELAY_SECONDS; aws-node-termination-handler's completeLifecycleActionDelaySeconds). The drain ends that much earlier in an invocation."
+  type        = number
+  default     = 0
+
+  validation {
+    condition     = var.lifecycle_completion_delay_seconds >= 0 && var.lifecycle_completion_delay_seconds <= 600 && floor(var.lifecycle_completion_delay_seconds) == var.lifecycle_completion_delay_seconds
+    error_message = "lifecycle_completion_delay_seconds must be a whole number of seconds from 0 to 600."
+  }
+}
+
 variable "max_drain_seconds" {
   description = "The longest one node's drain goes on across invocations (MAX_DRAIN_SECONDS). When the function's timeout cuts a drain short and the instance still has time (a pending lifecycle hook, a later AWS Health start), the function invokes itself asynchronously to go on, heartbeating the hook, until the drain completes or this time has passed. 172800 (48 hours) is the longest an Auto Scaling lifecycle hook can wait."
   type        = number

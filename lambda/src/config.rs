@@ -69,6 +69,9 @@ pub struct Config {
     /// (LEAVE_KARPENTER_NODES).
     pub leave_karpenter_nodes: bool,
     pub heartbeat_interval: Duration,
+    /// After a termination hook's drain, before CompleteLifecycleAction: time for load
+    /// balancers to deregister the instance (LIFECYCLE_COMPLETION_DELAY_SECONDS).
+    pub completion_delay: Duration,
     /// How long one node's drain may go on across invocations (MAX_DRAIN_SECONDS).
     pub max_drain: Duration,
     /// CloudWatch namespace of the EMF metrics; `None` (no metrics line) outside Lambda.
@@ -267,6 +270,9 @@ impl Config {
             managed_tag,
             leave_karpenter_nodes: settings::flag(&get, "LEAVE_KARPENTER_NODES", false)?,
             heartbeat_interval,
+            completion_delay: Duration::from_secs(
+                settings::number(&get, "LIFECYCLE_COMPLETION_DELAY_SECONDS")?.unwrap_or(0),
+            ),
             max_drain: settings::number(&get, "MAX_DRAIN_SECONDS")?
                 .map(Duration::from_secs)
                 .unwrap_or(DEFAULT_MAX_DRAIN),

@@ -209,6 +209,9 @@ pub struct Handler {
     pub managed_tag: Option<String>,
     /// Nodes carrying Karpenter's node pool label are Karpenter's to handle.
     pub leave_karpenter_nodes: bool,
+    /// Between a termination hook's drain and its completion (load balancers deregistering
+    /// the instance); the drain ends this much earlier in the invocation to leave room.
+    pub completion_delay: Duration,
     pub resolver: Resolver,
     pub lifecycle: Lifecycle,
     /// Where EMF metrics go; `None` outside Lambda.
@@ -504,6 +507,9 @@ impl Handler {
                       fails and its retry completes it"
                     .to_owned(),
                 Step::Done(_) | Step::DrainFailed { .. } => {
+                    if result.drain.is_some() {
+                        self.delay_completion(interruption, lifecycle, run).await;
+                    }
                     let completion = budget::within(
                         "CompleteLifecycleAction",
                         budget::AWS_CALL,
@@ -750,7 +756,18 @@ impl Handler {
                 drain_limit = drain_limit.min(hook_end);
             }
         }
-        let window = drain_window(interruption.deadline, drain_limit, run.invocation.end);
+        // A termination hook's drain leaves room for the completion delay after it.
+        let reserved = match interruption.kind {
+            InterruptionKind::AsgTermination => {
+                TimeDelta::from_std(self.completion_delay).unwrap_or_default()
+            }
+            _ => TimeDelta::zero(),
+        };
+        let window = drain_window(
+            interruption.deadline,
+            drain_limit,
+            run.invocation.end - reserved,
+        );
         let deadline = window.deadline;
         let drained = match &interruption.lifecycle {
             Some(lifecycle) => {
@@ -888,6 +905,47 @@ impl Handler {
             }
             "drain-incomplete"
         })
+    }
+
+    /// Waits LIFECYCLE_COMPLETION_DELAY_SECONDS after a termination hook's drain, keeping
+    /// the hook alive, so that load balancers finish deregistering the instance before Auto
+    /// Scaling lets it go; never past what the invocation's end leaves.
+    async fn delay_completion(
+        &self,
+        interruption: &Interruption,
+        lifecycle: &nth_core::LifecycleAction,
+        run: &Run<'_>,
+    ) {
+        if self.completion_delay.is_zero()
+            || interruption.kind != InterruptionKind::AsgTermination
+            || self.policy.dry_run
+        {
+            return;
+        }
+        let left = (run.invocation.end - WRAP_UP - Utc::now())
+            .to_std()
+            .unwrap_or_default();
+        let delay = self.completion_delay.min(left);
+        if delay < self.completion_delay {
+            warn!(
+                configured_s = self.completion_delay.as_secs(),
+                delay_ms = delay.as_millis() as u64,
+                "the lifecycle completion delay is cut to what the invocation has left"
+            );
+        }
+        info!(
+            delay_ms = delay.as_millis() as u64,
+            "waiting before completing the lifecycle action"
+        );
+        self.lifecycle
+            .with_heartbeats(
+                &interruption.instance_id,
+                lifecycle,
+                self.lifecycle.heartbeat_interval,
+                false,
+                tokio::time::sleep(delay),
+            )
+            .await;
     }
 
     /// Why the event cannot be true of the instance (see [`verify`]). EC2's API is eventually

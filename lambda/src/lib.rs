@@ -108,6 +108,7 @@ pub async fn build_handler(config: Config) -> Result<Handler, SetupError> {
         region,
         managed_tag: config.managed_tag,
         leave_karpenter_nodes: config.leave_karpenter_nodes,
+        completion_delay: config.completion_delay,
         resolver: Resolver::new(aws_sdk_ec2::Client::new(&aws), asg.clone()),
         metrics_namespace: config.metrics_namespace,
         webhook,

@@ -550,3 +550,36 @@ on_both_backends! {
         Ok(())
     }
 }
+
+on_both_backends! {
+    async fn the_lifecycle_action_is_completed_after_the_configured_delay(backend: Backend) -> anyhow::Result<()> {
+        // Load balancers take a while to deregister the instance once its pods are gone.
+        let sandbox = Sandbox::start_on(
+            backend,
+            &[("LIFECYCLE_COMPLETION_DELAY_SECONDS", "3"), ("LIFECYCLE_HEARTBEAT_SECONDS", "1")],
+            sandbox_behaviour(),
+        )
+        .await?;
+        let instance = sandbox.instance.id.clone();
+        sandbox.aws.add_pending(GROUP, "node-drain", &instance, TOKEN);
+
+        let invoked = std::time::Instant::now();
+        let r = response(sandbox.invoke(lifecycle_event("delay-1", &instance, false)).await?, &sandbox);
+
+        assert_eq!(r["results"][0]["outcome"], "drained", "{r:#}");
+        assert_eq!(r["results"][0]["lifecycle"], "completed", "{r:#}");
+        let drained_after = std::time::Duration::from_millis(
+            r["results"][0]["drain"]["duration_ms"].as_u64().unwrap_or_default(),
+        );
+        let action = sandbox.aws.pending().remove(0);
+        let (result, completed_at) = action.completed.expect("completed");
+        assert_eq!(result, "CONTINUE");
+        let waited = completed_at.duration_since(invoked).saturating_sub(drained_after);
+        assert!(waited >= std::time::Duration::from_secs(3), "completed {waited:?} after the drain");
+        assert!(
+            action.heartbeats.iter().any(|h| h.duration_since(invoked) > drained_after),
+            "the hook was kept alive during the delay"
+        );
+        Ok(())
+    }
+}
